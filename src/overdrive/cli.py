@@ -1,0 +1,118 @@
+"""Command line: `overdrive train|export|launch|bench|tune`.
+
+Bad input ends with one line on stderr and exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from overdrive.errors import UsageError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints the usage block on errors; we print one line that names the problem."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from overdrive.config import TrainConfig, field_types, literal_choices
+
+    types = field_types()
+    parser.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = types[f.name]
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        choices = literal_choices(tp)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif choices is not None:
+            parser.add_argument(flag, choices=choices, default=None, help=help_text)
+        else:
+            base = [a for a in getattr(tp, "__args__", ()) if a is not type(None)] or [tp]
+            kind = base[0] if base[0] in (int, float) else str
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="overdrive", description="Training accelerator for HF causal language models."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    train = sub.add_parser("train", help="train a causal LM (tiny preset on embedded text by default)")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    add_train_arguments(train)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from overdrive.config import TrainConfig, build_config, load_yaml
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    yaml_values = load_yaml(args.config) if args.config else {}
+    cfg = build_config(yaml_values, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from overdrive.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+COMMANDS: dict[str, Any] = {"train": run_train}
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Our progress bar and log lines replace the libraries' own bars and banners."""
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("DS_ACCELERATOR"):
+        # DeepSpeed (imported by transformers when installed) announces its accelerator guess otherwise.
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if debug:
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    quiet_libraries(debug)
+    try:
+        args = build_parser().parse_args(argv or ["train"])
+        if args.command is None:
+            args = build_parser().parse_args(["train", *argv])
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"overdrive: error: {exc}", file=sys.stderr)
+        return UsageError.exit_code
+    except KeyboardInterrupt:
+        print("overdrive: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,97 @@
+"""Tokenise and cut text into fixed-length training rows.
+
+`concat` follows run_clm: concatenate every document (each ended by EOS) and cut into `block_size` rows, the
+tail of each map batch dropped. `documents` cuts the same stream but keeps the document structure: position
+ids restart at 0 where a document starts (and at each row start), and the label of a document's first token is
+ignored, so no prediction crosses a boundary. HF attention (sdpa/eager masks, flash varlen) reads the restart
+points from `position_ids` and never attends across documents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from datasets import DatasetDict
+from transformers import PreTrainedTokenizerBase
+
+from overdrive.data.loader import IGNORE_INDEX
+from overdrive.errors import UsageError
+
+MAP_BATCH = 1000
+
+
+def tokenize_documents(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids per document, each ended by EOS so documents stay apart in the stream."""
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return [list(ids) for ids in encoded if ids]
+    return [list(ids) + [eos] if not ids or ids[-1] != eos else list(ids) for ids in encoded if ids]
+
+
+def chunk_concat(docs: list[list[int]], block_size: int) -> dict[str, list[list[int]]]:
+    stream = np.fromiter((t for d in docs for t in d), dtype=np.int64)
+    rows = len(stream) // block_size
+    ids = stream[: rows * block_size].reshape(rows, block_size)
+    return {"input_ids": ids.tolist(), "labels": ids.tolist()}
+
+
+def chunk_documents(docs: list[list[int]], block_size: int) -> dict[str, list[list[int]]]:
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    stream = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.zeros(len(stream), dtype=bool)
+    starts[np.concatenate(([0], np.cumsum(lengths)[:-1]))] = True
+    rows = len(stream) // block_size
+    n = rows * block_size
+    ids = stream[:n].reshape(rows, block_size)
+    is_start = starts[:n].reshape(rows, block_size).copy()
+    is_start[:, 0] = True  # a row never sees the previous row: its first token starts a segment
+    # position = distance to the last segment start in the row
+    col = np.broadcast_to(np.arange(block_size), (rows, block_size))
+    last_start = np.maximum.accumulate(np.where(is_start, col, 0), axis=1)
+    positions = col - last_start
+    labels = np.where(is_start, IGNORE_INDEX, ids)
+    return {"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions.tolist()}
+
+
+def build_lm_datasets(
+    raw: DatasetDict,
+    text_column: str,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    packing: str,
+) -> DatasetDict:
+    """Raw text splits -> rows of `block_size` tokens (cached by datasets' fingerprints for file data)."""
+    chunk = chunk_documents if packing == "documents" else chunk_concat
+
+    def process(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        texts = [t for t in batch[text_column] if isinstance(t, str) and t.strip()]
+        return chunk(tokenize_documents(texts, tokenizer), block_size)
+
+    out = {}
+    for name, split in raw.items():
+        out[name] = split.map(
+            process,
+            batched=True,
+            batch_size=MAP_BATCH,
+            remove_columns=split.column_names,
+            desc=f"tokenize+{packing} {name}",
+        )
+    lm = DatasetDict(out)
+    check_rows(lm, raw, text_column, tokenizer, block_size)
+    return lm
+
+
+def check_rows(
+    lm: DatasetDict, raw: DatasetDict, text_column: str, tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> None:
+    for name, split in lm.items():
+        if len(split) == 0:
+            tokens = sum(
+                len(d) for d in tokenize_documents(list(raw[name][text_column][:MAP_BATCH]), tokenizer)
+            )
+            raise UsageError(
+                f"block size {block_size} is larger than the {name} data (~{tokens} tokens in its first "
+                f"{MAP_BATCH} documents); lower --block-size or add data"
+            )

@@ -1,0 +1,249 @@
+"""`overdrive train`, top to bottom: data -> tokenizer -> model -> engine -> loop -> eval -> export -> sample.
+
+The loss of a step is the token-mean cross-entropy over the whole global batch: every micro-batch's summed loss
+is divided by the number of target tokens in the global batch (all ranks, all micro-batches), so accumulation
+and data parallelism change nothing numerically (no gradient-accumulation loss bug).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+import yaml
+
+from overdrive.atomic import write_json, write_text
+from overdrive.config import TrainConfig
+from overdrive.data.loader import (
+    BatchPlan,
+    collate,
+    count_target_tokens,
+    global_batch_indices,
+    rank_micro_batches,
+)
+from overdrive.data.packing import build_lm_datasets
+from overdrive.data.sources import load_raw
+from overdrive.errors import UsageError
+from overdrive.metrics import (
+    MetricsWriter,
+    flops_per_token,
+    peak_memory_bytes,
+    peak_tflops,
+    plot_curves,
+    read_metrics,
+)
+from overdrive.modeling import count_parameters
+from overdrive.train import checkpoint
+from overdrive.train.build import (
+    autocast,
+    build_engine,
+    build_model,
+    check_model_source,
+    clear_run,
+    plan_output,
+    resolve_tokenizer,
+    seed_everything,
+)
+from overdrive.train.engine import Runtime
+from overdrive.train.finish import (
+    build_summary,
+    evaluate,
+    export_final,
+    generate_sample,
+    summary_line,
+    truncate_metrics,
+)
+from overdrive.train.progress import Progress
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    runtime = Runtime()
+    output_dir, resume_from = plan_output(cfg)
+    check_model_source(cfg)
+    seed_everything(cfg.seed, cfg.deterministic)
+
+    # data and tokenizer
+    raw, text_column, source = load_raw(
+        dataset=cfg.dataset,
+        dataset_config=cfg.dataset_config,
+        train_file=cfg.train_file,
+        validation_file=cfg.validation_file,
+        text_column=cfg.text_column,
+        validation_split_percentage=cfg.validation_split_percentage,
+        seed=cfg.seed,
+    )
+    tokenizer = resolve_tokenizer(cfg, raw["train"][text_column], output_dir if resume_from else None)
+    lm = build_lm_datasets(raw, text_column, tokenizer, cfg.block_size, cfg.packing)
+    train_rows = lm["train"]
+    if cfg.max_train_samples:
+        train_rows = train_rows.select(range(min(cfg.max_train_samples, len(train_rows))))
+    plan = BatchPlan(cfg.global_batch_size, cfg.micro_batch_size, runtime.world_size)
+    if problem := plan.check():
+        raise UsageError(problem)
+    steps_per_epoch = len(train_rows) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"the training data has {len(train_rows)} rows of {cfg.block_size} tokens, fewer than one global "
+            f"batch ({cfg.global_batch_size}); lower --global-batch-size or --block-size, or add data"
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+    # model and engine
+    model = build_model(cfg, len(tokenizer)).to(runtime.device)
+    n_params, n_compute_params = count_parameters(model)
+    mc = model.config
+    flops_tok = flops_per_token(n_compute_params, mc.num_hidden_layers, mc.hidden_size, cfg.block_size)
+    engine = build_engine(model, cfg, runtime, total_steps)
+
+    # from here on the run writes to disk
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start_step = 0
+    if resume_from is not None:
+        start_step = checkpoint.load(engine, resume_from)["step"]
+        truncate_metrics(output_dir / "metrics.jsonl", start_step)
+    elif runtime.is_main:
+        clear_run(output_dir)
+        tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+    if runtime.is_main:
+        write_text(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    writer = (
+        MetricsWriter(output_dir / "metrics.jsonl", append=resume_from is not None)
+        if runtime.is_main
+        else None
+    )
+    log = Progress(total_steps, start_step, enabled=runtime.is_main, quiet=cfg.quiet)
+    log.info(
+        f"model {n_params / 1e6:.1f}M params, {len(train_rows)} train rows of {cfg.block_size} tokens from "
+        f"{source}, {total_steps} steps of {cfg.global_batch_size} rows (micro {cfg.micro_batch_size} × "
+        f"{plan.accumulation_steps} accumulation × {runtime.world_size} ranks) -> {output_dir}"
+    )
+
+    peak = peak_tflops(runtime.device)
+    tokens_per_step = cfg.global_batch_size * cfg.block_size
+    warmup = 2 if cfg.compile else 1  # first steps pay for compilation and allocator warm-up
+    first_eval = evaluate(engine, lm["validation"], cfg, runtime) if "validation" in lm else None
+    if first_eval and writer:
+        writer.write({"step": start_step, **first_eval})
+    timed_tokens, timed_seconds, window_tokens, window_seconds = 0, 0.0, 0, 0.0
+    loss_value = float("nan")
+    started = time.perf_counter()
+    engine.model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        micro_batches = [
+            collate(train_rows[idx])
+            for idx in rank_micro_batches(
+                global_batch_indices(len(train_rows), plan, cfg.seed, step), plan, runtime.rank
+            )
+        ]
+        local_targets = sum(count_target_tokens(b) for b in micro_batches)
+        n_targets = int(runtime.all_reduce_sum(torch.tensor(local_targets, dtype=torch.long)).item())
+        step_loss = torch.zeros((), device=runtime.device)
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
+            with engine.sync_gradients(i == len(micro_batches) - 1):
+                with autocast(cfg.precision, runtime.device):
+                    loss = engine.model(**batch, num_items_in_batch=max(n_targets, 1)).loss
+                # DDP/FSDP average gradients over ranks; scaling by the world size keeps them the global sum.
+                engine.backward(loss * runtime.world_size)
+            step_loss += loss.detach().float()
+        lr = engine.current_lr()  # the rate this step used; step() advances the schedule
+        grad_norm = engine.step(cfg.max_grad_norm)
+        loss_value = float(runtime.all_reduce_sum(step_loss))
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"loss became {loss_value} at step {step + 1}; lower --learning-rate")
+        elapsed = time.perf_counter() - t0
+        done = step + 1
+        if step - start_step >= warmup:
+            timed_tokens += tokens_per_step
+            timed_seconds += elapsed
+            window_tokens += tokens_per_step
+            window_seconds += elapsed
+        log.advance(loss_value)
+
+        if done == start_step + 1 or done % cfg.logging_steps == 0 or done == total_steps:
+            tps = window_tokens / window_seconds if window_seconds > 0 else None
+            per_device = tps / runtime.world_size if tps else None
+            tflops = per_device * flops_tok / 1e12 if per_device else None
+            record = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 3),
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_sec": tps,
+                "tokens_per_sec_per_device": per_device,
+                "tflops_per_device": tflops,
+                "mfu": tflops / peak if (tflops and peak) else None,
+                "peak_memory_bytes": peak_memory_bytes(runtime.device),
+                "elapsed_sec": time.perf_counter() - started,
+            }
+            if writer:
+                writer.write(record)
+            log.metrics(record)
+            window_tokens, window_seconds = 0, 0.0
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps and "validation" in lm:
+            result = evaluate(engine, lm["validation"], cfg, runtime)
+            if writer:
+                writer.write({"step": done, **result})
+            log.info(
+                f"eval at step {done}: loss {result['eval_loss']:.4f}, ppl {result['eval_perplexity']:.2f}"
+            )
+            engine.model.train()
+        if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
+            checkpoint.save(
+                engine,
+                output_dir,
+                done,
+                {"consumed_samples": done * cfg.global_batch_size},
+                cfg.save_total_limit,
+            )
+    log.close()
+    wall = time.perf_counter() - started
+
+    final_eval = evaluate(engine, lm["validation"], cfg, runtime) if "validation" in lm else None
+    if final_eval and writer:
+        writer.write({"step": total_steps, **final_eval})
+    if cfg.save_steps and start_step < total_steps:
+        checkpoint.save(
+            engine,
+            output_dir,
+            total_steps,
+            {"consumed_samples": total_steps * cfg.global_batch_size},
+            cfg.save_total_limit,
+        )
+    if writer:
+        writer.close()
+    final_dir = output_dir / "final"
+    if cfg.export:
+        export_final(engine, tokenizer, final_dir)
+    sample = generate_sample(engine, tokenizer, final_dir if cfg.export else None, cfg)
+
+    if not runtime.is_main:
+        return {}
+    records = read_metrics(output_dir / "metrics.jsonl")
+    with contextlib.suppress(Exception):  # a plot must never cost the run
+        plot_curves(records, output_dir / "curves.png")
+    write_text(output_dir / "sample.txt", cfg.prompt + sample + "\n")
+    log.info("sample: " + " ".join(f"{cfg.prompt}{sample}".split()))
+    summary = build_summary(
+        cfg,
+        records,
+        first_eval,
+        final_eval,
+        total_steps,
+        timed_tokens,
+        timed_seconds,
+        wall,
+        runtime,
+        n_params,
+        flops_tok,
+        source,
+        output_dir,
+    )
+    write_json(output_dir / "summary.json", summary)
+    log.info(summary_line(summary))
+    return summary
