@@ -1,0 +1,197 @@
+"""Process-group lifecycle: read the launcher's environment, start the group, fail fast, shut down.
+
+Launchers (torchrun, the deepspeed launcher, `srun torchrun`) all export RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; that is the only contract relied on here. The backend follows the device: gloo on
+CPU, NCCL for CUDA tensors (with gloo kept for CPU tensors, which checkpointing and offload need).
+
+Collectives get a short timeout (60 s on CPU by default) so that a hung or dead rank turns into an error on
+the others instead of a job that waits forever; `guard` turns that error into a one-line message and an exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from overdrive.train.engine import Runtime
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from overdrive.parallel.strategy import Strategy
+
+DEFAULT_TIMEOUT_CPU_S = 60.0
+DEFAULT_TIMEOUT_CUDA_S = 600.0  # NCCL: first steps may wait on other ranks' compilation or data loading
+TIMEOUT_ENV = "OVERDRIVE_DIST_TIMEOUT"
+EXIT_PEER_LOST = 3
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process about its place in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launched: bool = False  # True when a launcher set RANK/WORLD_SIZE (so MASTER_ADDR/PORT exist)
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Parse torchrun / deepspeed-launcher variables; a plain `python` run is rank 0 of 1."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return LaunchEnv()
+    world = int(env["WORLD_SIZE"])
+    return LaunchEnv(
+        rank=int(env["RANK"]),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        world_size=world,
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        launched=True,
+    )
+
+
+def default_timeout_s(cuda: bool) -> float:
+    value = os.environ.get(TIMEOUT_ENV)
+    if value:
+        return float(value)
+    return DEFAULT_TIMEOUT_CUDA_S if cuda else DEFAULT_TIMEOUT_CPU_S
+
+
+def init_runtime(strategy: Strategy | None = None, timeout_s: float | None = None) -> Runtime:
+    """Validate the strategy for this world, then start the process group it needs and pick the device.
+
+    A data-parallel strategy gets a process group even on one process (FSDP2, DCP and DeepSpeed expect one);
+    without a launcher that group lives in an in-memory store, so no port is opened.
+    """
+    env = launch_env()
+    cuda = torch.cuda.is_available()
+    if strategy is not None:
+        strategy.validate(env.world_size, cuda)
+    if cuda:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    needs_group = env.world_size > 1 or (strategy is not None and strategy.is_distributed)
+    if needs_group:
+        start_process_group(env, device, timeout_s)
+    return Runtime(rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, device=device)
+
+
+def start_process_group(env: LaunchEnv, device: torch.device, timeout_s: float | None = None) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    cuda = device.type == "cuda"
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s(cuda))
+    kwargs = {"device_id": device} if cuda else {}
+    if env.launched:
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
+    else:
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout, **kwargs)
+
+
+def backend_name() -> str:
+    """The backend DeepSpeed should wrap: the one that serves this process' device."""
+    import torch.distributed as dist
+
+    name = str(dist.get_backend())
+    return "nccl" if "nccl" in name else "gloo"
+
+
+def shutdown() -> None:
+    """Destroy the process group; without it some backends abort the process at exit after a good run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def data_parallel_mesh(strategy: Strategy, runtime: Runtime) -> DeviceMesh:
+    """1-D ("dp_shard",) mesh for FSDP, 2-D ("dp_replicate", "dp_shard") for HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = runtime.world_size
+    if strategy.data_parallel == "hsdp":
+        shard = strategy.shard_size or world
+        return init_device_mesh(
+            runtime.device.type, (world // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard")
+        )
+    return init_device_mesh(runtime.device.type, (world,), mesh_dim_names=("dp_shard",))
+
+
+PEER_FAILURE_MARKERS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "timed out",
+    "timeout",
+    "broken pipe",
+    "socket closed",
+    "nccl communicator was aborted",
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether an exception means another rank died or hung (as opposed to a bug on this rank)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in PEER_FAILURE_MARKERS)
+
+
+@contextlib.contextmanager
+def guard(runtime: Runtime) -> Iterator[None]:
+    """Turn a lost peer into a one-line message and an immediate exit (code 3).
+
+    Exiting with os._exit skips atexit/destroy handlers that would otherwise block on the dead peer.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if runtime.world_size > 1 and is_peer_failure(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            sys.stderr.write(
+                f"overdrive: rank {runtime.rank}/{runtime.world_size}: lost contact with another rank "
+                f"({first[:200]}); exiting\n"
+            )
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(EXIT_PEER_LOST)
+        raise
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of an HF causal LM: the unit of sharding, recompute and compile.
+
+    HF models name their block classes in `_no_split_modules`; when that is missing, the longest ModuleList
+    of same-class modules is taken.
+    """
+    from torch import nn
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    if names:
+        found = [m for m in model.modules() if type(m).__name__ in names]
+        if found:
+            return found
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1:
+                best = list(module)
+    return best

@@ -1,0 +1,231 @@
+"""Strategy as data: YAML round trip, presets, validation messages, batch resolution and rescaling."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+
+from overdrive.errors import UsageError
+from overdrive.parallel import PRESETS, TRANSFORM_ORDER, Strategy
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_round_trip_and_validate(name: str) -> None:
+    strategy = Strategy.from_name_or_path(name)
+    assert Strategy.from_yaml(strategy.to_yaml()) == strategy
+    if strategy.engine == "deepspeed" and not HAS_DEEPSPEED:
+        pytest.skip("DeepSpeed not installed")
+    world = 1 if name == "single" else 2
+    strategy.validate(world, cuda_available=False)
+
+
+def test_presets_mean_what_their_names_say() -> None:
+    get = Strategy.from_name_or_path
+    assert get("single").data_parallel == "none" and not get("single").is_distributed
+    assert get("ddp").data_parallel == "ddp"
+    assert get("fsdp") == get("zero3")
+    assert get("fsdp").data_parallel == "fsdp" and get("fsdp").reshard_after_forward
+    assert get("zero2").data_parallel == "fsdp" and not get("zero2").reshard_after_forward
+    assert get("zero3-offload").offload == "optimizer+params"
+    for stage in (1, 2, 3):
+        ds = get(f"deepspeed-zero{stage}")
+        assert (ds.engine, ds.zero_stage, ds.offload) == ("deepspeed", stage, "none")
+    assert get("deepspeed-zero3-offload").offload == "optimizer+params"
+    assert get(None) == Strategy()
+
+
+def test_yaml_file_and_text(tmp_path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "data_parallel: hsdp\nshard_size: 2\nparam_dtype: bf16\nactivation_checkpointing: every_k\nac_every: 2\n"
+    )
+    strategy = Strategy.from_name_or_path(str(path))
+    assert (strategy.data_parallel, strategy.shard_size, strategy.param_dtype, strategy.ac_every) == (
+        "hsdp",
+        2,
+        "bf16",
+        2,
+    )
+    assert Strategy.from_yaml("data-parallel: ddp\n").data_parallel == "ddp"  # dashes accepted like CLI flags
+    assert Strategy.from_yaml("") == Strategy()
+    bare = tmp_path / "mystrategy"  # a file without a YAML suffix is still read as a file
+    bare.write_text("data_parallel: fsdp\n")
+    assert Strategy.from_name_or_path(str(bare)).data_parallel == "fsdp"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("data_parallel: ddp\nsharding: full\n", "unknown key 'sharding'"),
+        ("data_parallel: zero\n", "data_parallel in strategy YAML must be one of none, ddp, fsdp, hsdp"),
+        ("compile: yes please\n", "compile in strategy YAML must be true or false"),
+        ("zero_stage: two\n", "zero_stage in strategy YAML must be a whole number"),
+        ("- ddp\n", "must be a mapping"),
+        ("data_parallel: [\n", "not valid YAML at line"),
+    ],
+)
+def test_bad_yaml_is_a_one_line_usage_error(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")) as info:
+        Strategy.from_yaml(text)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_name_lists_presets(tmp_path) -> None:
+    with pytest.raises(UsageError, match="presets: single, ddp, fsdp"):
+        Strategy.from_name_or_path("zero4")
+    with pytest.raises(UsageError, match="not found"):
+        Strategy.from_yaml(str(tmp_path / "missing.yaml"))
+
+
+def _s(**kw) -> Strategy:
+    return Strategy(**kw)
+
+
+INVALID = [
+    (_s(engine="torch", zero_stage=2, data_parallel="ddp"), 2, "zero_stage applies to engine: deepspeed"),
+    (_s(engine="deepspeed", data_parallel="ddp", zero_stage=4), 2, "zero_stage must be 0, 1, 2 or 3"),
+    (_s(engine="deepspeed", data_parallel="fsdp", zero_stage=3), 2, "set data_parallel: ddp"),
+    (_s(), 2, "data_parallel: none runs one process but the world size is 2"),
+    (_s(data_parallel="hsdp"), 4, "hsdp needs shard_size"),
+    (_s(data_parallel="hsdp", shard_size=3), 4, "hsdp shard_size 3 must divide the world size 4"),
+    (_s(data_parallel="fsdp", shard_size=2), 4, "shard_size applies to data_parallel: hsdp only"),
+    (_s(data_parallel="ddp", reshard_after_forward=False), 2, "reshard_after_forward: false"),
+    (
+        _s(data_parallel="ddp", offload="optimizer"),
+        2,
+        "offload needs data_parallel fsdp/hsdp or engine deepspeed",
+    ),
+    (_s(data_parallel="fsdp", offload="optimizer"), 2, "FSDP2 offloads parameters, gradients and optimizer"),
+    (
+        _s(engine="deepspeed", data_parallel="ddp", zero_stage=0, offload="optimizer"),
+        2,
+        "needs zero_stage 1, 2 or 3",
+    ),
+    (
+        _s(engine="deepspeed", data_parallel="ddp", zero_stage=2, offload="optimizer+params"),
+        2,
+        "needs zero_stage 3",
+    ),
+    (_s(data_parallel="ddp", param_dtype="bf16"), 2, "param_dtype bf16 needs fsdp/hsdp or deepspeed"),
+    (_s(reduce_dtype="bf16"), 1, "reduce_dtype applies only when gradients are reduced across ranks"),
+    (
+        _s(activation_checkpointing="full", ac_every=3),
+        1,
+        "ac_every applies to activation_checkpointing: every_k",
+    ),
+    (_s(activation_checkpointing="every_k", ac_every=0), 1, "ac_every must be at least 1"),
+    (_s(micro_batch_size=0), 1, "micro_batch_size must be positive"),
+    (_s(), 0, "world size must be positive"),
+]
+
+
+@pytest.mark.parametrize(("strategy", "world", "message"), INVALID)
+def test_validation_names_problem_and_fix(strategy: Strategy, world: int, message: str) -> None:
+    if strategy.engine == "deepspeed" and not HAS_DEEPSPEED:
+        pytest.skip("DeepSpeed not installed")
+    with pytest.raises(UsageError, match=message) as info:
+        strategy.validate(world, cuda_available=False)
+    assert "\n" not in str(info.value) and str(info.value).startswith("strategy: ")
+
+
+def test_missing_deepspeed_says_how_to_install(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(UsageError, match=r"pip install 'overdrive\[deepspeed\]'"):
+        Strategy.from_name_or_path("deepspeed-zero2").validate(2, cuda_available=True)
+
+
+def test_valid_combinations() -> None:
+    Strategy(data_parallel="hsdp", shard_size=2).validate(4, cuda_available=False)
+    Strategy(data_parallel="fsdp", reduce_dtype="bf16", param_dtype="bf16").validate(8, cuda_available=True)
+    Strategy(data_parallel="ddp", reduce_dtype="bf16").validate(2, cuda_available=True)
+    Strategy(data_parallel="fsdp").validate(1, cuda_available=False)  # FSDP on one process is allowed
+
+
+def test_resolve_batch() -> None:
+    assert Strategy().resolve_batch(8, 1, micro_batch_size=2) == (2, 4)
+    assert Strategy(data_parallel="ddp").resolve_batch(8, 2, micro_batch_size=2) == (2, 2)
+    assert Strategy(micro_batch_size=4).resolve_batch(8, 2, micro_batch_size=1) == (4, 1)  # strategy wins
+    assert Strategy(grad_accumulation=2).resolve_batch(8, 2) == (2, 2)
+    with pytest.raises(UsageError, match="not divisible by micro batch size 3"):
+        Strategy().resolve_batch(8, 2, micro_batch_size=3)
+    with pytest.raises(UsageError, match="drop grad_accumulation"):
+        Strategy(micro_batch_size=2, grad_accumulation=3).resolve_batch(8, 2)
+    with pytest.raises(UsageError, match="not divisible by world size 3"):
+        Strategy(data_parallel="ddp").validate(3, cuda_available=False, global_batch_size=8)
+
+
+def test_rescale_keeps_global_batch() -> None:
+    saved = Strategy(data_parallel="fsdp", micro_batch_size=2, grad_accumulation=2)  # 2 ranks × 2 × 2 = 8
+    down = saved.rescale(2, 1, 8)
+    assert (down.micro_batch_size, down.grad_accumulation) == (2, 4)
+    up = saved.rescale(2, 4, 8)
+    assert (up.micro_batch_size, up.grad_accumulation) == (2, 1)
+    lowered = Strategy(data_parallel="ddp", micro_batch_size=4, grad_accumulation=1).rescale(3, 2, 12)
+    assert (lowered.micro_batch_size, lowered.grad_accumulation) == (3, 2)  # 4 does not divide 6 per rank
+    only_accum = Strategy(data_parallel="ddp", grad_accumulation=2).rescale(2, 1, 8)
+    assert only_accum.grad_accumulation == 4
+    assert dataclasses.replace(down, micro_batch_size=None, grad_accumulation=None) == dataclasses.replace(
+        saved, micro_batch_size=None, grad_accumulation=None
+    )
+
+
+def test_rescale_errors() -> None:
+    with pytest.raises(UsageError, match="cannot be split over 3 ranks"):
+        Strategy(data_parallel="ddp", micro_batch_size=1).rescale(2, 3, 8)
+    with pytest.raises(UsageError, match="shard_size 4 does not divide the new world size 6"):
+        Strategy(data_parallel="hsdp", shard_size=4).rescale(8, 6, 48)
+    with pytest.raises(UsageError, match="no data parallelism"):
+        Strategy().rescale(1, 2, 8)
+
+
+def test_describe_is_one_line() -> None:
+    assert Strategy.from_name_or_path("zero2").describe() == "fsdp (ZeRO-2)"
+    text = Strategy(
+        data_parallel="hsdp", shard_size=8, param_dtype="bf16", offload="optimizer+params"
+    ).describe()
+    assert text == "hsdp (ZeRO-3 shard 8), offload optimizer+params, params bf16 reduce fp32"
+    assert Strategy.from_name_or_path("deepspeed-zero3").describe() == "deepspeed ZeRO-3"
+
+
+def test_transform_order_is_fixed() -> None:
+    assert TRANSFORM_ORDER == (
+        "kernels",
+        "activation_checkpointing",
+        "compile",
+        "tensor_parallel",
+        "pipeline_parallel",
+        "data_parallel",
+    )
+
+
+def test_deepspeed_config_is_generated_from_the_strategy() -> None:
+    from overdrive.parallel.deepspeed_engine import deepspeed_config
+
+    config = deepspeed_config(Strategy.from_name_or_path("deepspeed-zero2"), 4, 0.0, "fp32", 2)
+    assert config["gradient_clipping"] == 0.0  # DeepSpeed's own default (1.0) would silently clip
+    assert config["gradient_accumulation_steps"] == 1  # we own the accumulation boundary
+    assert config["train_batch_size"] == 8 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["zero_optimization"] == {"stage": 2}
+    assert config["zero_allow_untested_optimizer"] is True and config["bf16"] == {"enabled": False}
+    offload = deepspeed_config(
+        Strategy.from_name_or_path("deepspeed-zero3-offload"), 2, 1.0, "bf16", 1, cuda=True
+    )
+    assert offload["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert offload["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert offload["bf16"] == {"enabled": True} and offload["communication_data_type"] == "fp32"
+
+
+def test_importing_the_package_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, overdrive.parallel; s = overdrive.parallel.Strategy(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
