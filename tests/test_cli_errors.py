@@ -121,7 +121,7 @@ def test_resume_from_missing_or_corrupt_checkpoint(micro_config, text_file, tmp_
     assert "no checkpoint found" in err
     corrupt = out / "checkpoints" / "step-0000003"
     corrupt.mkdir(parents=True)
-    (corrupt / "trainer_state.json").write_text("{not json")
+    (corrupt / "overdrive-checkpoint.json").write_text("{not json")
     err = run_error(micro_args(micro_config, text_file, out, "--resume", str(corrupt)), capsys)
     assert "corrupt" in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]

@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a causal LM (tiny preset on embedded text by default)")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     add_train_arguments(train)
+
+    from overdrive.parallel.launch import add_launch_arguments
+
+    launch = sub.add_parser("launch", help="run a command on several processes/nodes with torchrun (or SLURM)")
+    add_launch_arguments(launch)
+
+    export = sub.add_parser("export", help="write an HF model directory (safetensors) from a checkpoint")
+    export.add_argument("checkpoint", help="checkpoint directory (OUTPUT/checkpoints/step-N)")
+    export.add_argument("out", help="directory to create")
+    export.add_argument("--tokenizer", help="tokenizer to copy (default: the run's OUTPUT/tokenizer)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser
 
 
@@ -74,7 +85,36 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Any] = {"train": run_train}
+def run_launch(args: argparse.Namespace) -> int:
+    from overdrive.parallel.launch import run_launch as launch
+
+    return launch(args)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Checkpoint of any engine -> HF directory that `AutoModelForCausalLM.from_pretrained` loads."""
+    from pathlib import Path
+
+    from overdrive.atomic import staged_dir
+    from overdrive.parallel.checkpoint import export_hf
+    from overdrive.train.checkpoint import resolve_resume, run_dir_of
+
+    checkpoint = resolve_resume(args.checkpoint, None)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out} already exists and is not empty; pass --overwrite or another directory")
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else run_dir_of(checkpoint) / "tokenizer"
+    with staged_dir(out) as tmp:
+        export_hf(checkpoint, tmp)
+        if tokenizer_dir.is_dir():
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
+    print(f"exported {checkpoint} -> {out}")
+    return 0
+
+
+COMMANDS: dict[str, Any] = {"train": run_train, "launch": run_launch, "export": run_export}
 
 
 def quiet_libraries(debug: bool) -> None:

@@ -6,12 +6,12 @@ import contextlib
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from overdrive.config import TrainConfig
 from overdrive.data.tokenizer import load_tokenizer, train_bpe
@@ -23,8 +23,9 @@ from overdrive.modeling import (
     load_pretrained,
     preset_config,
 )
+from overdrive.parallel import Strategy
 from overdrive.train import checkpoint
-from overdrive.train.engine import LocalEngine, Runtime, TrainEngine
+from overdrive.train.engine import Runtime, TrainEngine
 from overdrive.train.optim import make_optimizer, make_scheduler
 
 RUN_ARTIFACTS = (
@@ -113,28 +114,63 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
         model = build_from_config(
             preset_config(cfg.model_config or "tiny"), vocab_size, cfg.attn_implementation, cfg.dtype
         )
-    if cfg.kernels:
-        from overdrive.patches import patch_model
-
-        patch_model(model)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        from overdrive.kernels.compile import compile_regions
-
-        compile_regions(model)
     return model
 
 
-def build_engine(model: PreTrainedModel, cfg: TrainConfig, runtime: Runtime, total_steps: int) -> TrainEngine:
+def resolve_strategy(cfg: TrainConfig) -> Strategy:
+    """--strategy (preset or YAML), with the run's --activation-checkpointing/--compile/--kernels switched on."""
+    strategy = Strategy.from_name_or_path(cfg.strategy)
+    if cfg.activation_checkpointing and strategy.activation_checkpointing == "none":
+        strategy.activation_checkpointing = "full"
+    strategy.compile = strategy.compile or cfg.compile
+    strategy.kernels = strategy.kernels or cfg.kernels
+    return strategy
+
+
+def build_engine(
+    model: PreTrainedModel, cfg: TrainConfig, strategy: Strategy, runtime: Runtime, total_steps: int
+) -> TrainEngine:
+    """Model transforms in their fixed order (kernels, recompute, compile), then the strategy's engine."""
+    from overdrive.parallel import build_engine as build_parallel_engine
+
     scaler = torch.amp.GradScaler(runtime.device.type) if cfg.precision == "fp16" else None
-    return LocalEngine(
+    return build_parallel_engine(
         model,
+        strategy,
+        runtime,
         lambda m: make_optimizer(m, cfg),
         lambda opt: make_scheduler(opt, cfg, total_steps),
-        runtime,
+        cfg.max_grad_norm,
+        cfg.precision,
+        micro_batch_size=cfg.micro_batch_size,
         grad_scaler=scaler,
     )
+
+
+def share_tokenizer(tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> PreTrainedTokenizerBase:
+    """Every rank must use rank 0's tokenizer: a BPE trained on each rank separately could differ."""
+    if runtime.world_size == 1 or not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return tokenizer
+    import torch.distributed as dist
+
+    payload = [tokenizer.backend_tokenizer.to_str() if runtime.is_main else None]
+    dist.broadcast_object_list(payload, src=0)
+    if runtime.is_main:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(payload[0]), **special)
+
+
+@contextlib.contextmanager
+def main_process_first(runtime: Runtime) -> Iterator[None]:
+    """Rank 0 runs the block first (filling caches); the other ranks follow once it is done."""
+    if not runtime.is_main:
+        runtime.barrier()
+    yield
+    if runtime.is_main:
+        runtime.barrier()
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -29,15 +29,19 @@ def evaluate(engine: TrainEngine, rows: Dataset, cfg: TrainConfig, runtime: Runt
     if cfg.max_eval_batches:
         starts = starts[: cfg.max_eval_batches]
     total = torch.zeros(2, dtype=torch.float64)
-    for i in range(runtime.rank, len(starts), runtime.world_size):
-        batch = collate(rows[starts[i] : starts[i] + m])
+    # Every rank runs the same number of forwards (sharded engines all-gather inside each one); a rank
+    # without a batch of its own in the last round repeats batch 0 and counts nothing.
+    rounds = math.ceil(len(starts) / runtime.world_size)
+    for r in range(rounds):
+        i = r * runtime.world_size + runtime.rank
+        own = i < len(starts)
+        batch = collate(rows[starts[i if own else 0] : starts[i if own else 0] + m])
         n = count_target_tokens(batch)
-        if n == 0:
-            continue
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
         with autocast(cfg.precision, runtime.device):
-            loss = engine.model(**batch, num_items_in_batch=n).loss
-        total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            loss = engine.model(**batch, num_items_in_batch=max(n, 1)).loss
+        if own and n > 0:
+            total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     total = runtime.all_reduce_sum(total)
     engine.model.train()
     mean = float(total[0] / total[1]) if total[1] > 0 else float("nan")
@@ -64,6 +68,8 @@ def generate_sample(
     """
     if not engine.runtime.is_main or cfg.max_new_tokens == 0:
         return ""
+    if final_dir is None and engine.runtime.world_size > 1:
+        return ""  # a sharded model generates only with every rank taking part
     if final_dir is not None:
         model = AutoModelForCausalLM.from_pretrained(str(final_dir), use_safetensors=True)
     else:

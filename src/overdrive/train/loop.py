@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,8 @@ from overdrive.metrics import (
     read_metrics,
 )
 from overdrive.modeling import count_parameters
+from overdrive.parallel import Strategy
+from overdrive.parallel.distributed import guard, init_runtime, shutdown
 from overdrive.train import checkpoint
 from overdrive.train.build import (
     autocast,
@@ -43,9 +46,12 @@ from overdrive.train.build import (
     build_model,
     check_model_source,
     clear_run,
+    main_process_first,
     plan_output,
+    resolve_strategy,
     resolve_tokenizer,
     seed_everything,
+    share_tokenizer,
 )
 from overdrive.train.engine import Runtime
 from overdrive.train.finish import (
@@ -60,9 +66,21 @@ from overdrive.train.progress import Progress
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    runtime = Runtime()
+    """Run `cfg` on this process (one of `torchrun`'s ranks, or alone) and return the summary (rank 0)."""
     output_dir, resume_from = plan_output(cfg)
     check_model_source(cfg)
+    strategy = resolve_strategy(cfg)
+    runtime = init_runtime(strategy)  # validates the strategy before any process group starts
+    try:
+        with guard(runtime):
+            return run(cfg, strategy, runtime, output_dir, resume_from)
+    finally:
+        shutdown()
+
+
+def run(
+    cfg: TrainConfig, strategy: Strategy, runtime: Runtime, output_dir: Path, resume_from: Path | None
+) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
 
     # data and tokenizer
@@ -76,13 +94,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         seed=cfg.seed,
     )
     tokenizer = resolve_tokenizer(cfg, raw["train"][text_column], output_dir if resume_from else None)
-    lm = build_lm_datasets(raw, text_column, tokenizer, cfg.block_size, cfg.packing)
+    tokenizer = share_tokenizer(tokenizer, runtime)
+    with main_process_first(runtime):  # rank 0 fills the datasets cache, the others read it
+        lm = build_lm_datasets(raw, text_column, tokenizer, cfg.block_size, cfg.packing)
     train_rows = lm["train"]
     if cfg.max_train_samples:
         train_rows = train_rows.select(range(min(cfg.max_train_samples, len(train_rows))))
-    plan = BatchPlan(cfg.global_batch_size, cfg.micro_batch_size, runtime.world_size)
-    if problem := plan.check():
-        raise UsageError(problem)
+    micro_batch_size, _ = strategy.resolve_batch(
+        cfg.global_batch_size, runtime.world_size, cfg.micro_batch_size
+    )
+    plan = BatchPlan(cfg.global_batch_size, micro_batch_size, runtime.world_size)
     steps_per_epoch = len(train_rows) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise UsageError(
@@ -92,14 +113,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
     # model and engine
-    model = build_model(cfg, len(tokenizer)).to(runtime.device)
+    model = build_model(cfg, len(tokenizer))
     n_params, n_compute_params = count_parameters(model)
     mc = model.config
     flops_tok = flops_per_token(n_compute_params, mc.num_hidden_layers, mc.hidden_size, cfg.block_size)
-    engine = build_engine(model, cfg, runtime, total_steps)
+    engine = build_engine(model, cfg, strategy, runtime, total_steps)
 
     # from here on the run writes to disk
-    output_dir.mkdir(parents=True, exist_ok=True)
+    runtime.barrier()  # every rank has checked the output dir before rank 0 creates it
+    if runtime.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     start_step = 0
     if resume_from is not None:
         start_step = checkpoint.load(engine, resume_from)["step"]
@@ -117,7 +140,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     log = Progress(total_steps, start_step, enabled=runtime.is_main, quiet=cfg.quiet)
     log.info(
         f"model {n_params / 1e6:.1f}M params, {len(train_rows)} train rows of {cfg.block_size} tokens from "
-        f"{source}, {total_steps} steps of {cfg.global_batch_size} rows (micro {cfg.micro_batch_size} × "
+        f"{source}, {total_steps} steps of {cfg.global_batch_size} rows (micro {micro_batch_size} × "
         f"{plan.accumulation_steps} accumulation × {runtime.world_size} ranks) -> {output_dir}"
     )
 
