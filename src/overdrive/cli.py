@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from overdrive.parallel.launch import add_launch_arguments
 
-    launch = sub.add_parser("launch", help="run a command on several processes/nodes with torchrun (or SLURM)")
+    launch = sub.add_parser(
+        "launch", help="run a command on several processes/nodes with torchrun (or SLURM)"
+    )
     add_launch_arguments(launch)
 
     export = sub.add_parser("export", help="write an HF model directory (safetensors) from a checkpoint")
