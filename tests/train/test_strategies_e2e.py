@@ -83,3 +83,45 @@ def test_export_command_writes_loadable_model_from_fsdp_checkpoint(micro_config,
     final = load_file(str(run / "final" / "model.safetensors"))
     for name, tensor in model.state_dict().items():
         assert (tensor - final[name]).abs().max() == 0, name
+
+
+def test_reshard_fsdp_two_ranks_to_one_process(single_run, micro_config, text_file, tmp_path) -> None:
+    """An FSDP checkpoint from 2 ranks resumes on 1 process; the next losses are the uninterrupted ones."""
+    run = tmp_path / "run"
+    argv = micro_args(micro_config, text_file, run, *COMMON, "--strategy", "fsdp", "--save-steps", "5")
+    argv += ["--save-total-limit", "3"]
+    proc = torchrun(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    import shutil
+
+    shutil.copytree(run / "checkpoints" / "step-0000005", cut / "checkpoints" / "step-0000005")
+    shutil.copytree(run / "tokenizer", cut / "tokenizer")
+    (cut / "metrics.jsonl").write_text(
+        "".join(line for line in (run / "metrics.jsonl").read_text().splitlines(True) if '"step": 1,' in line)
+    )
+    argv = micro_args(micro_config, text_file, cut, *COMMON, "--strategy", "fsdp", "--resume", "latest")
+    assert main(argv) == 0
+    expected = losses(single_run)
+    got = {r["step"]: r["loss"] for r in read_metrics(cut / "metrics.jsonl") if "loss" in r}
+    for step in range(6, 11):
+        a, b = expected[step - 1], got[step]
+        assert abs(a - b) <= TOL * abs(a), (step, a, b)
+
+
+def test_killed_rank_restarts_and_resumes(single_run, micro_config, text_file, tmp_path) -> None:
+    """torchrun --max-restarts 1 + --resume latest: rank 1 dies after step 7, the group resumes from step 5."""
+    run = tmp_path / "run"
+    argv = micro_args(micro_config, text_file, run, *COMMON, "--strategy", "ddp", "--save-steps", "5")
+    argv += ["--resume", "latest"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OVERDRIVE_FAULT_STEP": "7"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["--max-restarts", "1", "-m", "overdrive", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lost contact with another rank" in proc.stderr or "SIGKILL" in proc.stderr
+    got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert sorted(got) == list(range(1, 11))  # steps 6 and 7 were logged twice, the file keeps one run
+    for step, a in enumerate(losses(single_run), start=1):
+        assert abs(a - got[step]) <= TOL * abs(a), (step, a, got[step])

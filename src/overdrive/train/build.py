@@ -48,6 +48,12 @@ def plan_output(cfg: TrainConfig) -> tuple[Path, Path | None]:
     output_dir = (
         Path(cfg.output_dir) if cfg.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     )
+    if cfg.resume == "latest":
+        if cfg.output_dir is None:
+            raise UsageError("--resume latest needs --output-dir (the run to continue)")
+        if not checkpoint.list_checkpoints(output_dir):
+            # First start of a run launched with restarts (torchrun --max-restarts): nothing to resume yet.
+            return output_dir, None
     if cfg.resume:
         return output_dir, checkpoint.resolve_resume(cfg.resume, output_dir)
     if output_dir.exists() and not output_dir.is_dir():

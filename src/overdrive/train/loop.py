@@ -54,6 +54,7 @@ from overdrive.train.build import (
     share_tokenizer,
 )
 from overdrive.train.engine import Runtime
+from overdrive.train.faults import maybe_fail
 from overdrive.train.finish import (
     build_summary,
     evaluate,
@@ -224,6 +225,7 @@ def run(
                 {"consumed_samples": done * cfg.global_batch_size},
                 cfg.save_total_limit,
             )
+        maybe_fail(done, runtime)
     log.close()
     wall = time.perf_counter() - started
 
