@@ -53,7 +53,7 @@ from overdrive.train.build import (
     seed_everything,
     share_tokenizer,
 )
-from overdrive.train.engine import Runtime
+from overdrive.train.engine import Runtime, TrainEngine
 from overdrive.train.faults import maybe_fail
 from overdrive.train.finish import (
     build_summary,
@@ -127,7 +127,8 @@ def run(
     start_step = 0
     if resume_from is not None:
         start_step = checkpoint.load(engine, resume_from)["step"]
-        truncate_metrics(output_dir / "metrics.jsonl", start_step)
+        if runtime.is_main:
+            truncate_metrics(output_dir / "metrics.jsonl", start_step)
     elif runtime.is_main:
         clear_run(output_dir)
         tokenizer.save_pretrained(str(output_dir / "tokenizer"))
@@ -147,7 +148,7 @@ def run(
 
     peak = peak_tflops(runtime.device)
     tokens_per_step = cfg.global_batch_size * cfg.block_size
-    warmup = 2 if cfg.compile else 1  # first steps pay for compilation and allocator warm-up
+    warmup = 2 if strategy.compile else 1  # first steps pay for compilation and allocator warm-up
     first_eval = evaluate(engine, lm["validation"], cfg, runtime) if "validation" in lm else None
     if first_eval and writer:
         writer.write({"step": start_step, **first_eval})
@@ -163,20 +164,7 @@ def run(
                 global_batch_indices(len(train_rows), plan, cfg.seed, step), plan, runtime.rank
             )
         ]
-        local_targets = sum(count_target_tokens(b) for b in micro_batches)
-        n_targets = int(runtime.all_reduce_sum(torch.tensor(local_targets, dtype=torch.long)).item())
-        step_loss = torch.zeros((), device=runtime.device)
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
-            with engine.sync_gradients(i == len(micro_batches) - 1):
-                with autocast(cfg.precision, runtime.device):
-                    loss = engine.model(**batch, num_items_in_batch=max(n_targets, 1)).loss
-                # DDP/FSDP average gradients over ranks; scaling by the world size keeps them the global sum.
-                engine.backward(loss * runtime.world_size)
-            step_loss += loss.detach().float()
-        lr = engine.current_lr()  # the rate this step used; step() advances the schedule
-        grad_norm = engine.step(cfg.max_grad_norm)
-        loss_value = float(runtime.all_reduce_sum(step_loss))
+        loss_value, grad_norm, lr = train_step(engine, micro_batches, cfg.precision, cfg.max_grad_norm)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"loss became {loss_value} at step {step + 1}; lower --learning-rate")
         elapsed = time.perf_counter() - t0
@@ -272,3 +260,28 @@ def run(
     write_json(output_dir / "summary.json", summary)
     log.info(summary_line(summary))
     return summary
+
+
+def train_step(
+    engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], precision: str, max_grad_norm: float
+) -> tuple[float, float, float]:
+    """One optimizer step over this rank's micro-batches -> (global-batch loss, pre-clip grad norm, lr used).
+
+    Each micro-batch loss is its token-summed CE divided by the target tokens of the whole global batch
+    (`num_items_in_batch`), so the micro-batch losses of all ranks add up to the global-batch mean.
+    """
+    runtime = engine.runtime
+    local_targets = sum(count_target_tokens(b) for b in micro_batches)
+    n_targets = int(runtime.all_reduce_sum(torch.tensor(local_targets, dtype=torch.long)).item())
+    step_loss = torch.zeros((), device=runtime.device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
+        with engine.sync_gradients(i == len(micro_batches) - 1):  # wraps forward and backward (DDP no_sync)
+            with autocast(precision, runtime.device):
+                loss = engine.model(**batch, num_items_in_batch=max(n_targets, 1)).loss
+            # DDP/FSDP/DeepSpeed average gradients over ranks; the world-size factor keeps the global sum.
+            engine.backward(loss * runtime.world_size)
+        step_loss += loss.detach().float()
+    lr = engine.current_lr()  # the rate this step used; step() advances the schedule
+    grad_norm = engine.step(max_grad_norm)
+    return float(runtime.all_reduce_sum(step_loss)), grad_norm, lr
