@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from overdrive.errors import UsageError
-from overdrive.parallel.launch import add_launch_arguments, build_torchrun_argv, render_sbatch, run_launch
+from overdrive.parallel.distributed import LaunchEnv, restart_safe_store
+from overdrive.parallel.launch import (
+    SHARED_STORE_ENV,
+    add_launch_arguments,
+    build_torchrun_argv,
+    render_sbatch,
+    run_launch,
+    torchrun_env,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,7 +87,10 @@ def test_sbatch_runs_one_torchrun_per_node_against_the_head_node(tmp_path: Path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu-a17\\ngpu-a18\\n'\n")
-    (bin_dir / "srun").write_text('#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$SRUN_ARGS"\n')
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\necho "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" > "$SRUN_ARGS.env"\n'
+        'for a in "$@"; do printf "%s\\n" "$a"; done > "$SRUN_ARGS"\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     script = tmp_path / "job.sbatch"
@@ -98,6 +109,8 @@ def test_sbatch_runs_one_torchrun_per_node_against_the_head_node(tmp_path: Path)
         "--rdzv-endpoint", "gpu-a17:29500", "--rdzv-id", "991", "--max-restarts", "0", "-m", "overdrive", "train",
         "--config", "run 1.yaml", "--strategy", "fsdp",
     ]  # fmt: skip
+    # restarts get a fresh rendezvous store (torchrun's shared store keeps the dead attempt's addresses)
+    assert (tmp_path / "srun.args.env").read_text().strip() == "1"
 
 
 @pytest.mark.parametrize(
@@ -158,3 +171,21 @@ def test_argv_starts_real_torchrun(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["RANK"] for r in ranks] == ["0", "1"] and {r["WORLD_SIZE"] for r in ranks} == {"2"}
     assert all(r["argv"] == ["train", "--flag", "v"] for r in ranks)
+
+
+def test_launch_gives_torchrun_a_fresh_store_per_restart_unless_the_user_chose() -> None:
+    assert torchrun_env({"PATH": "/bin"}) == {"PATH": "/bin", SHARED_STORE_ENV: "1"}
+    assert torchrun_env({SHARED_STORE_ENV: "0"})[SHARED_STORE_ENV] == "0"
+
+
+def test_multi_node_restarts_on_a_shared_store_warn(monkeypatch) -> None:
+    """Across nodes restart counts can differ, so the store cannot be prefixed by them: say what to set."""
+    import datetime
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    env = LaunchEnv(rank=0, local_rank=0, world_size=4, local_world_size=2, launched=True)
+    with pytest.warns(UserWarning, match=f"export {SHARED_STORE_ENV}=1"):
+        assert restart_safe_store(env, datetime.timedelta(seconds=5)) is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restarts: nothing to isolate, no warning
+    assert restart_safe_store(env, datetime.timedelta(seconds=5)) is None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from overdrive.parallel.launch import SHARED_STORE_ENV
 from overdrive.train.engine import Runtime
 
 if TYPE_CHECKING:
@@ -98,10 +99,45 @@ def start_process_group(env: LaunchEnv, device: torch.device, timeout_s: float |
     timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_timeout_s(cuda))
     kwargs = {"device_id": device} if cuda else {}
     if env.launched:
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
+        store = restart_safe_store(env, timeout)
+        dist.init_process_group(
+            backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+        )
     else:
         store = dist.HashStore()
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout, **kwargs)
+
+
+def restart_safe_store(env: LaunchEnv, timeout: datetime.timedelta) -> torch.distributed.Store | None:
+    """The store for `init_process_group`, isolated per torchrun restart where torch does not isolate it.
+
+    torchrun shares its rendezvous TCPStore with the workers by default and keeps it across restarts, so after
+    `--max-restarts` relaunches the group, a rank can read a dead rank's gloo/NCCL address left by the previous
+    attempt and fail with "connection refused". On one node every worker restarts together and sees the same
+    TORCHELASTIC_RESTART_COUNT, so prefixing the keys with it isolates the attempts. Across nodes the counts can
+    differ, so there the launcher must opt out of sharing (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which
+    `overdrive launch` sets); we warn when it is missing. None = let `init_process_group` use env:// itself.
+    """
+    import warnings
+
+    import torch.distributed as dist
+
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if not shared or max_restarts == 0:
+        return None
+    if env.local_world_size != env.world_size:
+        if env.rank == 0:
+            warnings.warn(
+                f"torchrun --max-restarts {max_restarts} on several nodes shares one rendezvous store across "
+                f"restarts, which can make a restart fail to connect; export {SHARED_STORE_ENV}=1 for torchrun "
+                "(`overdrive launch` does)",
+                stacklevel=2,
+            )
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    return dist.PrefixStore(f"overdrive/attempt-{attempt}", store)
 
 
 def backend_name() -> str:

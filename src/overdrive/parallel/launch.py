@@ -8,17 +8,21 @@ agent per node with the first node of the allocation as the c10d rendezvous host
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from overdrive.atomic import write_text
 from overdrive.errors import UsageError
 
 DEFAULT_PORT = 29500
+# torchrun keeps one rendezvous store across --max-restarts attempts unless this is set; stale keys of the
+# previous attempt then break the restarted process group (see distributed.restart_safe_store).
+SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def build_torchrun_argv(
@@ -132,6 +136,7 @@ def render_sbatch(
         "set -euo pipefail",
         *setup,
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"export {SHARED_STORE_ENV}=1  # a fresh rendezvous store per restart (torchrun --max-restarts)",
         "",
     ]
     train = " ".join(shlex.quote(a) for a in train_args)
@@ -224,7 +229,14 @@ def run_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(argv))
         return 0
-    return subprocess.call(argv)
+    return subprocess.call(argv, env=torchrun_env())
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for torchrun: restarts get a fresh rendezvous store each (see restart_safe_store)."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault(SHARED_STORE_ENV, "1")
+    return env
 
 
 def _positive_int(text: str) -> int:
