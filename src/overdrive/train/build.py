@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from overdrive.atomic import remove_entries
 from overdrive.config import TrainConfig
 from overdrive.data.tokenizer import load_tokenizer, train_bpe
 from overdrive.errors import UsageError
@@ -77,12 +77,7 @@ def check_model_source(cfg: TrainConfig) -> None:
 
 def clear_run(output_dir: Path) -> None:
     """With --overwrite, remove what an earlier run wrote (and nothing else the user keeps there)."""
-    for name in RUN_ARTIFACTS:
-        path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    remove_entries(output_dir, RUN_ARTIFACTS)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
