@@ -1,4 +1,4 @@
-"""Command line: `overdrive train|export|launch|bench|tune`.
+"""Command line: `overdrive train|launch|export|bench`.
 
 Bad input ends with one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="directory to create")
     export.add_argument("--tokenizer", help="tokenizer to copy (default: the run's OUTPUT/tokenizer)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+    from overdrive.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -116,7 +120,18 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Any] = {"train": run_train, "launch": run_launch, "export": run_export}
+def run_bench(args: argparse.Namespace) -> int:
+    from overdrive.bench.cli import run_bench as bench
+
+    return bench(args)
+
+
+COMMANDS: dict[str, Any] = {
+    "train": run_train,
+    "launch": run_launch,
+    "export": run_export,
+    "bench": run_bench,
+}
 
 
 def quiet_libraries(debug: bool) -> None:
