@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import torch
@@ -20,6 +20,20 @@ def no_worse_than_hf(ours: torch.Tensor, hf: torch.Tensor, truth: torch.Tensor) 
     tolerance between two bf16 implementations that round at different points would be arbitrary;
     this criterion instead catches any real error while allowing better-than-HF rounding."""
     return rel(ours, truth) <= 1.25 * rel(hf, truth) + 1e-4
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs (minus ``exclude``)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(v for k, v in seen.items() if k not in skip)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 from overdrive.kernels.rms_norm import rms_norm
 from overdrive.patches._swap import swap_class
 from overdrive.patches.llama import RMSNormPatch
-from tests.numerics import no_worse_than_hf, rel
+from tests.numerics import no_worse_than_hf, rel, saved_tensor_bytes
 
 
 def _pair(cls: type, dim: int, w_dtype: torch.dtype):
@@ -60,15 +60,7 @@ def test_saves_less_for_backward() -> None:
     w = torch.ones(128, requires_grad=True)
 
     def saved_bytes(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(v for k, v in seen.items() if k not in (x.data_ptr(), w.data_ptr()))
+        return saved_tensor_bytes(fn, exclude=(x, w))
 
     hf = LlamaRMSNorm(128)
     ours = saved_bytes(lambda: rms_norm(x, w, 1e-6))

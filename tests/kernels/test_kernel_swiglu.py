@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from overdrive.kernels.swiglu import swiglu, swiglu_mlp
 from overdrive.patches._swap import swap_class
 from overdrive.patches.llama import SwiGLUMLPPatch
-from tests.numerics import no_worse_than_hf, rel
+from tests.numerics import no_worse_than_hf, rel, saved_tensor_bytes
 
 
 def _pair(bias: bool = False):
@@ -74,17 +74,6 @@ def test_saves_one_activation_less() -> None:
     hf, ours = _pair()
     x = torch.randn(256, 40, requires_grad=True)
 
-    def saved_bytes(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
-
     act = 256 * 99 * 4
-    assert saved_bytes(lambda: hf(x)) - saved_bytes(lambda: ours(x)) == act
+    assert saved_tensor_bytes(lambda: hf(x)) - saved_tensor_bytes(lambda: ours(x)) == act
     assert torch.equal(swiglu_mlp(x, hf.gate_proj, hf.up_proj, hf.down_proj), hf(x))
