@@ -7,20 +7,26 @@ supported type built afterwards (``from_pretrained``/``from_config``/direct cons
 Patching swaps module classes in place (see ``_swap.py``): parameter names, ``state_dict`` keys and
 ``config.architectures`` are unchanged, and every feature falls back to HF's implementation, with a
 warning, when the installed transformers does not have the structure the kernel replaces.
+
+When kernels are swapped in, one INFO line through transformers' logger names them and the model
+(see :func:`_log_patched`): INFO because run_clm.py & co. set transformers' verbosity to INFO on the
+main process (``log_level="passive"``) and WARNING on the other ranks: printed once per node, not per rank.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from overdrive.patches import llama as _llama
 from overdrive.patches._causal_lm import FUSED_CE_FLAG
-from overdrive.patches._swap import restore_class
+from overdrive.patches._swap import is_swapped, restore_class
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -36,6 +42,9 @@ __all__ = [
 _FAMILIES: dict[str, Any] = {mt: _llama for mt in _llama.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 _FEATURES = ("fused_cross_entropy", "rms_norm", "rope", "swiglu")
+#: Under transformers' root logger so that its verbosity (``set_verbosity_*``, run_clm's
+#: ``--log_level``) and handler apply.
+logger = hf_logging.get_logger("transformers.overdrive")
 
 
 @dataclass
@@ -82,6 +91,24 @@ def unwrap_model(model: Any) -> nn.Module:
 _VERSION_WARNED: list[bool] = []
 
 
+def _log_patched(report: PatchReport, model: nn.Module) -> None:
+    """The one line saying which kernels went into which model (INFO: see the module docstring)."""
+    if not report.applied:
+        return
+    source = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    origin = f" from {source!r}" if source else ""
+    kernels = ", ".join(f"{k} x{v}" for k, v in sorted(report.applied.items()))
+    fell = "; fell back: " + ", ".join(sorted(report.skipped)) if report.skipped else ""
+    logger.info(
+        f"overdrive: kernels patched into {report.model_class}{origin} "
+        f"(model_type={report.model_type}): {kernels}{fell}"
+    )
+
+
+def _count_swapped(model: nn.Module) -> int:
+    return sum(int(is_swapped(m)) for m in model.modules())
+
+
 def _check_transformers_version() -> None:
     import transformers
 
@@ -113,8 +140,20 @@ def patch_model(
     ``fused_cross_entropy`` only changes the *training* forward with labels: it returns the loss and
     ``logits=None``. In eval mode, without labels, or with ``logits_to_keep`` the HF path runs.
     ``rope`` makes this model's attention modules call overdrive's RoPE (numerically identical forward).
+    Logs one INFO line (transformers' logger) when it swaps in kernels that were not there yet.
     """
     base = unwrap_model(model)
+    before = _count_swapped(base)
+    report = _patch(base, strict, fused_cross_entropy, rms_norm, rope, swiglu)
+    if _count_swapped(base) > before:
+        _log_patched(report, base)
+    return report
+
+
+def _patch(
+    base: nn.Module, strict: bool, fused_cross_entropy: bool, rms_norm: bool, rope: bool, swiglu: bool
+) -> PatchReport:
+    """:func:`patch_model` on an unwrapped model, without the log line."""
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
     report = PatchReport(model_class=type(base).__name__, model_type=model_type)
@@ -126,7 +165,7 @@ def patch_model(
         )
         if strict:
             raise ValueError(msg)
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
         return report
     _check_transformers_version()
     report.family = family.__name__.rsplit(".", 1)[-1]
@@ -143,7 +182,7 @@ def patch_model(
         if strict:
             unpatch_model(base)
             raise ValueError(f"overdrive: {msg}")
-        warnings.warn(f"overdrive: {msg}; falling back to the HF implementation.", stacklevel=2)
+        warnings.warn(f"overdrive: {msg}; falling back to the HF implementation.", stacklevel=3)
     return report
 
 
@@ -166,11 +205,28 @@ def _is_generative(model: nn.Module) -> bool:
     return isinstance(model, GenerationMixin) or type(model).__name__.endswith("ForCausalLM")
 
 
+def _built_inside_another_model(model: nn.Module) -> bool:
+    """True while another HF model's ``__init__`` is on the stack (e.g. ``LlamaModel`` inside
+    ``LlamaForCausalLM``): the enclosing model's ``post_init`` comes later and reports for both."""
+    from transformers import PreTrainedModel
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__":
+            owner = frame.f_locals.get("self")
+            if owner is not model and isinstance(owner, PreTrainedModel):
+                return True
+        frame = frame.f_back
+    return False
+
+
 def _on_model_built(model: nn.Module) -> None:
     kwargs = dict(_HOOK["kwargs"])
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in _FAMILIES:
-        patch_model(model, **kwargs)
+        report = _patch(model, **kwargs)
+        if not _built_inside_another_model(model):
+            _log_patched(report, model)
     elif _is_generative(model) and str(model_type) not in _UNSUPPORTED_WARNED:
         _UNSUPPORTED_WARNED.add(str(model_type))
         if kwargs.get("strict"):

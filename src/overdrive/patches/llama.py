@@ -5,16 +5,20 @@ module-level ``apply_rotary_pos_emb`` called from ``<P>Attention.forward``, ``<P
 ``model`` + ``lm_head``); Qwen3 adds per-head ``q_norm``/``k_norm`` RMSNorms, which get patched too.
 
 Every swap is guarded by a structural check and a tiny numerical self-test against the class's own
-``forward`` (run once per class, on CPU, fp32), so a future transformers release that changes a
-module's math makes the patch fall back with a warning instead of silently changing the model.
+``forward`` (on CPU, fp32), so a future transformers release that changes a module's math makes the
+patch fall back with a warning instead of silently changing the model. The self-tests never depend on
+the model being built: transformers 5 builds ``from_pretrained`` models under ``torch.device("meta")``
+and the requested default dtype, so the tests pin their own device and dtype, and only a pass is
+cached (a failure is re-checked for the next model instead of disabling the kernel for the process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +31,8 @@ from overdrive.patches._swap import original_class, swap_class
 
 #: ``config.model_type`` -> class-name prefix in ``transformers.models.<type>.modeling_<type>``.
 MODEL_TYPES: dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-_SELF_CHECKS: dict[tuple[str, object], str | None] = {}
+#: (kind, class or function) whose self-test passed in this process. Failures are never cached.
+_SELF_CHECKS_PASSED: set[tuple[str, object]] = set()
 
 
 class RMSNormPatch:
@@ -60,15 +65,42 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    """Self-test data: CPU fp32 from a private generator, whatever device/dtype context is active."""
+    return torch.randn(*shape, generator=g, device="cpu", dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _reference_env() -> Iterator[None]:
+    """CPU, fp32 default dtype, no grad: the self-tests' own environment.
+
+    A model being built may sit inside ``torch.device("meta")`` (transformers 5 ``from_pretrained``)
+    and a non-fp32 default dtype (``dtype=torch.bfloat16``); both leak into tensors the kernels create
+    internally. The inner device context wins over the outer one; the default dtype is restored after.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"), torch.no_grad():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _self_check(kind: str, subject: object, run: Callable[[], str | None]) -> str | None:
+    """Run ``run`` once per subject while it passes; a failure is reported but not cached, so an
+    environment problem while one model is built cannot disable a kernel for every later model."""
     key = (kind, subject)
-    if key not in _SELF_CHECKS:
-        try:
-            with torch.no_grad():
-                _SELF_CHECKS[key] = run()
-        except Exception as exc:  # any mismatch in structure shows up here
-            _SELF_CHECKS[key] = f"self-test raised {type(exc).__name__}: {exc}"
-    return _SELF_CHECKS[key]
+    if key in _SELF_CHECKS_PASSED:
+        return None
+    try:
+        with _reference_env():
+            reason = run()
+    except Exception as exc:  # any mismatch in structure shows up here
+        return f"self-test raised {type(exc).__name__}: {exc}"
+    if reason is None:
+        _SELF_CHECKS_PASSED.add(key)
+    return reason
 
 
 def check_rms_norm(module: nn.Module) -> str | None:
@@ -77,9 +109,9 @@ def check_rms_norm(module: nn.Module) -> str | None:
         return f"{cls.__name__} has no weight/variance_epsilon"
 
     def run() -> str | None:
-        g = torch.Generator().manual_seed(0)
-        stand_in = types.SimpleNamespace(weight=torch.randn(16, generator=g), variance_epsilon=1e-6)
-        x = torch.randn(3, 16, generator=g) * 3
+        g = torch.Generator(device="cpu").manual_seed(0)
+        stand_in = types.SimpleNamespace(weight=_randn(g, 16), variance_epsilon=1e-6)
+        x = _randn(g, 3, 16) * 3
         ok = _close(cls.forward(stand_in, x), _rms_norm(x, stand_in.weight, 1e-6))
         return None if ok else f"{cls.__name__}.forward is not Llama-style RMSNorm"
 
@@ -97,16 +129,16 @@ def check_mlp(module: nn.Module) -> str | None:
         return f"{cls.__name__} activation is {type(act).__name__}, not SiLU"
 
     def run() -> str | None:
-        g = torch.Generator().manual_seed(0)  # never touch the global RNG: models may still be initialising
+        g = torch.Generator(device="cpu").manual_seed(0)  # never touch the global RNG (models initialising)
 
         def linear(n_in: int, n_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
-            w, b = torch.randn(n_out, n_in, generator=g) / n_in**0.5, torch.randn(n_out, generator=g)
+            w, b = _randn(g, n_out, n_in) / n_in**0.5, _randn(g, n_out)
             return lambda x: x @ w.t() + b
 
         stand_in = types.SimpleNamespace(
             gate_proj=linear(8, 12), up_proj=linear(8, 12), down_proj=linear(12, 8), act_fn=nn.SiLU()
         )
-        x = torch.randn(4, 8, generator=g)
+        x = _randn(g, 4, 8)
         ok = _close(cls.forward(stand_in, x), SwiGLUMLPPatch.forward(stand_in, x))  # type: ignore[arg-type]
         return None if ok else f"{cls.__name__}.forward is not down(silu(gate(x)) * up(x))"
 
@@ -128,9 +160,9 @@ def check_rope(model_type: str) -> str | None:
         return f"{mod.__name__} attention does not call the module-level apply_rotary_pos_emb"
 
     def run() -> str | None:
-        g = torch.Generator().manual_seed(0)
-        q, k = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
-        cos, sin = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k = _randn(g, 2, 4, 5, 8), _randn(g, 2, 2, 5, 8)
+        cos, sin = _randn(g, 2, 5, 8), _randn(g, 2, 5, 8)
         ok = all(
             _close(a, b) for a, b in zip(fn(q, k, cos, sin), rotary_pos_emb(q, k, cos, sin), strict=True)
         )
