@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from overdrive.bench import report
+from overdrive.bench import report, runner
 from overdrive.bench.cli import add_bench_parser, run_bench
+from overdrive.bench.oom_kills import oom_kill_counts, oom_killer_fired
 from overdrive.bench.presets import SystemSpec, Workload, parse_batch_sizes, parse_systems, parse_variant
 from overdrive.bench.runner import check_overdrive_args, classify, plan_output, run_process, throughput
 from overdrive.cli import OneLineParser, main
@@ -144,8 +145,17 @@ def test_bench_report_without_baseline_says_na(tmp_path: Path) -> None:
 def test_bench_classify_statuses() -> None:
     assert classify(0, "out of memory warning text") == ("ok", "")
     assert classify(1, "x\ntorch.OutOfMemoryError: CUDA out of memory. Tried\n")[0] == "oom"
-    assert classify(-9, "")[0] == "oom"
-    assert classify(1, "Failures:\n  rank      : 1\n  exitcode  : -9 (pid: 42)\n")[0] == "oom"
+    # a bare SIGKILL is "killed"; "oom" only when the kernel's OOM killer fired while the cell ran
+    assert classify(-9, "", oom_killed=False) == (
+        "killed",
+        "killed by SIGKILL, not by the kernel's out-of-memory killer (oom_kill count unchanged)",
+    )
+    assert classify(-9, "", oom_killed=None)[0] == "killed"
+    assert classify(-9, "", oom_killed=True)[0] == "oom"
+    rank_killed = "Failures:\n  rank      : 1\n  exitcode  : -9 (pid: 42)\n"
+    assert classify(1, rank_killed, oom_killed=False)[0] == "killed"
+    assert classify(1, rank_killed, oom_killed=True)[0] == "oom"
+    assert classify(-9, "RuntimeError: CUDA error: out of memory\n", oom_killed=False)[0] == "oom"
     status, message = classify(1, "Traceback\n  File x\nValueError: bad input\n=========\n")
     assert (status, message) == ("error", "ValueError: bad input")
     assert classify(7, "")[1] == "exit code 7"
@@ -183,6 +193,37 @@ def test_bench_run_process_statuses_from_real_children(tmp_path: Path) -> None:
     while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(grandchild)
+
+
+SELF_KILL = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+
+
+def test_bench_sigkilled_child_is_killed_not_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGKILL with the kernel's OOM-kill counters unchanged is reported as killed."""
+    monkeypatch.setattr(runner, "oom_kill_counts", lambda: {"/proc/vmstat": 4})
+    out = run_process([PY, "-c", SELF_KILL], 60, tmp_path / "killed")
+    assert (out.status, out.returncode) == (
+        "killed",
+        -9,
+    ) and "not by the kernel's out-of-memory" in out.message
+
+
+def test_bench_sigkill_while_the_oom_killer_fired_is_oom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readings = iter([{"/sys/fs/cgroup/memory.events": 0}, {"/sys/fs/cgroup/memory.events": 1}])
+    monkeypatch.setattr(runner, "oom_kill_counts", lambda: next(readings))
+    out = run_process([PY, "-c", SELF_KILL], 60, tmp_path / "oom")
+    assert out.status == "oom" and "out-of-memory killer fired" in out.message
+
+
+def test_bench_oom_kill_counters_are_read_from_the_kernel_files(tmp_path: Path) -> None:
+    assert oom_killer_fired({"a": 1, "b": 0}, {"a": 1, "b": 2}) is True
+    assert oom_killer_fired({"a": 1}, {"a": 1}) is False
+    assert oom_killer_fired({}, {}) is None and oom_killer_fired({"a": 1}, {}) is None
+    counts = oom_kill_counts()
+    if Path("/proc/vmstat").is_file() and "oom_kill " in Path("/proc/vmstat").read_text():
+        assert counts["/proc/vmstat"] >= 0  # a Linux kernel since 4.13 counts its OOM kills here
 
 
 def test_bench_hf_cell_turns_oom_into_status(tmp_path: Path) -> None:

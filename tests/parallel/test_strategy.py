@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 
@@ -141,11 +142,37 @@ def test_missing_deepspeed_says_how_to_install(monkeypatch) -> None:
         Strategy.from_name_or_path("deepspeed-zero2").validate(2, cuda_available=True)
 
 
-def test_valid_combinations() -> None:
-    Strategy(data_parallel="hsdp", shard_size=2).validate(4, cuda_available=False)
-    Strategy(data_parallel="fsdp", reduce_dtype="bf16", param_dtype="bf16").validate(8, cuda_available=True)
-    Strategy(data_parallel="ddp", reduce_dtype="bf16").validate(2, cuda_available=True)
-    Strategy(data_parallel="fsdp").validate(1, cuda_available=False)  # FSDP on one process is allowed
+# Each valid combination next to its nearest invalid neighbour: validate draws the line exactly there.
+BOUNDARIES = [
+    # (valid strategy, world), (invalid neighbour, world, message)
+    ((_s(data_parallel="hsdp", shard_size=2), 4), (_s(data_parallel="hsdp", shard_size=2), 3, "must divide")),
+    (
+        (_s(data_parallel="fsdp", reduce_dtype="bf16", param_dtype="bf16"), 8),
+        (_s(data_parallel="ddp", param_dtype="bf16"), 8, "param_dtype bf16 needs fsdp/hsdp"),
+    ),
+    ((_s(data_parallel="ddp", reduce_dtype="bf16"), 2), (_s(reduce_dtype="bf16"), 1, "reduce_dtype applies")),
+    ((_s(data_parallel="fsdp"), 1), (_s(), 2, "data_parallel: none runs one process")),  # FSDP on 1 process
+    (
+        (_s(data_parallel="fsdp", offload="optimizer+params"), 2),
+        (_s(data_parallel="fsdp", offload="optimizer"), 2, "FSDP2 offloads parameters"),
+    ),
+    (
+        (_s(activation_checkpointing="every_k", ac_every=3), 1),
+        (_s(activation_checkpointing="full", ac_every=3), 1, "ac_every applies"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("valid", "invalid"), BOUNDARIES)
+def test_validation_accepts_valid_combinations_and_rejects_their_neighbours(
+    valid: tuple, invalid: tuple
+) -> None:
+    strategy, world = valid
+    assert strategy.validate(world, cuda_available=False, global_batch_size=8 * world) is None
+    assert strategy.resolve_batch(8 * world, world) == (8, 1)  # and it splits a global batch over the world
+    neighbour, world, message = invalid
+    with pytest.raises(UsageError, match=message):
+        neighbour.validate(world, cuda_available=False)
 
 
 def test_resolve_batch() -> None:
@@ -194,15 +221,66 @@ def test_describe_is_one_line() -> None:
     assert Strategy.from_name_or_path("deepspeed-zero3").describe() == "deepspeed ZeRO-3"
 
 
-def test_transform_order_is_fixed() -> None:
-    assert TRANSFORM_ORDER == (
+def test_transforms_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels, then recompute (wraps the patched layers), then compile (traces the recompute); only those on."""
+    import overdrive.parallel as parallel
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(parallel, "_apply_kernels", lambda model: calls.append(("kernels", model)))
+    monkeypatch.setattr(
+        parallel, "apply_activation_checkpointing", lambda model, every: calls.append(("ac", model, every))
+    )
+    monkeypatch.setattr(parallel, "apply_compile", lambda model: calls.append(("compile", model)))
+    model = object()
+    everything = Strategy(kernels=True, activation_checkpointing="every_k", ac_every=2, compile=True)
+    assert parallel.apply_transforms(model, everything) == ["kernels", "activation_checkpointing", "compile"]
+    assert calls == [("kernels", model), ("ac", model, 2), ("compile", model)]
+    assert [
+        step for step in TRANSFORM_ORDER if step in ("kernels", "activation_checkpointing", "compile")
+    ] == [
         "kernels",
         "activation_checkpointing",
         "compile",
-        "tensor_parallel",
-        "pipeline_parallel",
-        "data_parallel",
-    )
+    ]
+    calls.clear()
+    assert parallel.apply_transforms(model, Strategy(activation_checkpointing="full")) == [
+        "activation_checkpointing"
+    ]
+    assert calls == [("ac", model, 1)]
+    calls.clear()
+    assert parallel.apply_transforms(model, Strategy()) == [] and calls == []
+
+
+@pytest.mark.parametrize(
+    ("preset", "engine_path"),
+    [
+        ("single", "overdrive.train.engine.LocalEngine"),
+        ("ddp", "overdrive.parallel.ddp.DDPEngine"),
+        ("fsdp", "overdrive.parallel.fsdp.FSDPEngine"),
+    ],
+)
+def test_data_parallelism_wraps_the_transformed_model_last(preset, engine_path, monkeypatch) -> None:
+    import importlib
+
+    import overdrive.parallel as parallel
+
+    events: list[str] = []
+    monkeypatch.setattr(parallel, "apply_transforms", lambda model, strategy: events.append("transforms"))
+    module, name = engine_path.rsplit(".", 1)
+
+    class RecordingEngine:
+        def __init__(self, *args, **kwargs) -> None:
+            events.append(name)
+
+    monkeypatch.setattr(importlib.import_module(module), name, RecordingEngine)
+
+    class Model:
+        def to(self, device):
+            return self
+
+    runtime = SimpleNamespace(device="cpu")
+    engine = parallel.build_engine(Model(), Strategy.from_name_or_path(preset), runtime, None, None, 1.0)
+    assert isinstance(engine, RecordingEngine) and events == ["transforms", name]
 
 
 def test_deepspeed_config_is_generated_from_the_strategy() -> None:

@@ -66,7 +66,22 @@ def test_two_ranks_match_one_process(strategy, single_run, micro_config, text_fi
     wb = load_file(str(out / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for name in wa:
-        assert (wa[name] - wb[name]).abs().max() <= 1e-4, name
+        assert (wa[name] - wb[name]).abs().max() <= TOL, name
+
+
+def test_fsdp_shards_a_model_without_decoder_layers_as_one_unit(micro_config, text_file, tmp_path) -> None:
+    """num_hidden_layers: 0 used to raise a raw ValueError on every rank inside FSDP; now it trains."""
+    import json
+    import warnings
+
+    config = tmp_path / "no-layers.json"
+    config.write_text(json.dumps({**json.loads(micro_config.read_text()), "num_hidden_layers": 0}))
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(micro_args(config, text_file, run, "--strategy", "fsdp", "--max-steps", "2")) == 0
+    assert any("no decoder layers to shard one by one" in str(w.message) for w in caught)
+    assert len(losses(run)) == 2 and (run / "final" / "model.safetensors").is_file()
 
 
 def test_export_command_writes_loadable_model_from_fsdp_checkpoint(micro_config, text_file, tmp_path) -> None:
@@ -120,7 +135,9 @@ def test_killed_rank_restarts_and_resumes(single_run, micro_config, text_file, t
     cmd += ["--max-restarts", "1", "-m", "overdrive", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lost contact with another rank" in proc.stderr or "SIGKILL" in proc.stderr
+    # the fault happened: rank 0 noticed the lost peer, or torchrun saw rank 1's SIGKILL (exit -9) first and
+    # stopped rank 0 before gloo told it (a race; torchrun's log line never spells "SIGKILL")
+    assert "lost contact with another rank" in proc.stderr or "failed (exitcode: -9)" in proc.stderr
     got = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     assert sorted(got) == list(range(1, 11))  # steps 6 and 7 were logged twice, the file keeps one run
     for step, a in enumerate(losses(single_run), start=1):

@@ -6,7 +6,8 @@ the rows in the order overdrive's loader will draw them. Every cell runs the sam
 steps and is timed the same way: wall time from the end of the last warm-up step to the end of the last step.
 
 A cell never takes the bench down: out of memory -> "oom", past the per-cell limit -> "timeout" (its whole
-process group is killed), any other failure -> "error" with the line of stderr that names it.
+process group is killed), killed by a signal -> "killed" ("oom" when the kernel's OOM killer fired meanwhile),
+any other failure -> "error" with the line of stderr that names it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 from overdrive.bench.hf_trainer_cell import OOM_MARKER
 from overdrive.bench.inputs import Prepared, prepare
+from overdrive.bench.oom_kills import oom_kill_counts, oom_killer_fired
 from overdrive.bench.presets import SystemSpec, Workload
 from overdrive.errors import UsageError
 
@@ -64,7 +66,7 @@ ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|ov
 # ------------------------------------------------------------------------------------------- processes
 @dataclass
 class ProcessOutcome:
-    """How a child ended: status is ok / oom / timeout / error; message says why for the last three."""
+    """How a child ended: status is ok / oom / killed / timeout / error; message says why when not ok."""
 
     status: str
     returncode: int | None
@@ -87,8 +89,10 @@ def error_line(stderr: str) -> str:
     return ""
 
 
-def classify(returncode: int | None, stderr: str) -> tuple[str, str]:
-    """(status, message) of a finished child from its exit code and stderr."""
+def classify(returncode: int | None, stderr: str, oom_killed: bool | None = None) -> tuple[str, str]:
+    """(status, message) of a finished child from its exit code, its stderr, and whether the kernel's OOM
+    killer fired while it ran (None: unknown, see oom_kills). A SIGKILL is "oom" only when the killer fired:
+    it may as well come from a scheduler or a person."""
     if returncode == 0:
         return "ok", ""
     oom = [ln.strip() for ln in stderr.splitlines() if OOM_PATTERNS.search(ln)]
@@ -98,9 +102,13 @@ def classify(returncode: int | None, stderr: str) -> tuple[str, str]:
     killed = returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or re.search(
         r"exitcode\s*:\s*-9\b|Signal 9 \(SIGKILL\)", stderr
     )
-    if killed:  # directly, or a rank as torchrun reports it
-        return "oom", "killed by SIGKILL (most likely the kernel's out-of-memory killer)"
-    return "error", error_line(stderr) or f"exit code {returncode}"
+    if not killed:  # killed directly, or a rank as torchrun reports it
+        return "error", error_line(stderr) or f"exit code {returncode}"
+    if oom_killed:
+        return "oom", "killed by SIGKILL while the kernel's out-of-memory killer fired (oom_kill count rose)"
+    if oom_killed is None:
+        return "killed", "killed by SIGKILL (the kernel's OOM-kill counters cannot be read here)"
+    return "killed", "killed by SIGKILL, not by the kernel's out-of-memory killer (oom_kill count unchanged)"
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -121,6 +129,7 @@ def run_process(
 ) -> ProcessOutcome:
     """Run argv in its own session with stdout/stderr to log_dir; never raises for the child's failures."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    oom_kills = oom_kill_counts()
     started = time.perf_counter()
     with open(log_dir / "stdout.log", "wb") as out, open(log_dir / "stderr.log", "wb") as err:
         try:
@@ -140,7 +149,7 @@ def run_process(
             raise
     wall = time.perf_counter() - started
     stderr = (log_dir / "stderr.log").read_text(errors="replace")
-    status, message = classify(returncode, stderr)
+    status, message = classify(returncode, stderr, oom_killer_fired(oom_kills, oom_kill_counts()))
     return ProcessOutcome(status, returncode, wall, message)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -169,14 +170,22 @@ def data_parallel_mesh(strategy: Strategy, runtime: Runtime) -> DeviceMesh:
     return init_device_mesh(runtime.device.type, (world,), mesh_dim_names=("dp_shard",))
 
 
-PEER_FAILURE_MARKERS = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "timed out",
-    "timeout",
-    "broken pipe",
-    "socket closed",
-    "nccl communicator was aborted",
+# torch raises the DistError family (DistBackendError, DistNetworkError, DistStoreError) for store, socket and
+# NCCL failures. gloo's transport errors reach Python as a plain RuntimeError, recognised by these messages
+# (seen in torch 2.x: a killed peer, a hung peer past the timeout). A RuntimeError that merely mentions a
+# timeout is a bug on this rank, not a lost peer, and must keep its traceback.
+PEER_FAILURE_MESSAGES = re.compile(
+    "|".join(
+        (
+            r"gloo/transport/",  # raised in gloo's transport layer (pair.cc, unbound_buffer.cc...)
+            r"connection (?:closed|reset) by peer",
+            r"timed out waiting \d+ ?ms for (?:recv|send) operation",
+            r"application timeout caused pair closure",
+            r"nccl communicator was aborted",
+            r"watchdog caught collective operation timeout",
+        )
+    ),
+    re.IGNORECASE,
 )
 
 
@@ -186,8 +195,7 @@ def is_peer_failure(exc: BaseException) -> bool:
 
     if isinstance(exc, dist.DistError):
         return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(marker in text for marker in PEER_FAILURE_MARKERS)
+    return isinstance(exc, RuntimeError) and PEER_FAILURE_MESSAGES.search(str(exc)) is not None
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ param_dtype/reduce_dtype = MixedPrecisionPolicy (the fp32 shards stay the master
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -49,12 +50,20 @@ def shard_model(model: nn.Module, strategy: Strategy, runtime: Runtime) -> nn.Mo
         "offload_policy": offload,
     }
     layers = decoder_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
+    if not layers and runtime.rank == 0:
+        warnings.warn(_NO_LAYERS.format(name=type(model).__name__), stacklevel=2)
     for layer in layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
     return model
+
+
+# Not an error: FSDP2 shards any module, and the root call alone is a correct (if coarser) unit. A model with
+# num_hidden_layers: 0 reaches this, as does a custom model whose blocks we cannot recognise.
+_NO_LAYERS = (
+    "{name} has no decoder layers to shard one by one; FSDP shards it as a single unit (parameters are "
+    "all-gathered together in forward and backward)"
+)
 
 
 class FSDPEngine(TorchDistEngine):
@@ -97,7 +106,7 @@ class FSDPEngine(TorchDistEngine):
             "param_device": first.to_local().device.type if isinstance(first, DTensor) else first.device.type,
             "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
             "numel": sum(p.numel() for p in params),
-            **_layer_group_facts(decoder_layers(self.module)[0]),
+            **_layer_group_facts((decoder_layers(self.module) or [self.module])[0]),
         }
 
 
