@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from overdrive.data.loader import IGNORE_INDEX
@@ -23,6 +23,8 @@ MAP_BATCH = 1000
 
 def tokenize_documents(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Token ids per document, each ended by EOS so documents stay apart in the stream."""
+    if not texts:  # a batch of blank rows: fast tokenizers fail on an empty list
+        return []
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -88,10 +90,19 @@ def check_rows(
 ) -> None:
     for name, split in lm.items():
         if len(split) == 0:
-            tokens = sum(
-                len(d) for d in tokenize_documents(list(raw[name][text_column][:MAP_BATCH]), tokenizer)
-            )
+            texts = [t for t in raw[name][text_column][:MAP_BATCH] if isinstance(t, str) and t.strip()]
+            if not texts and not has_text(raw[name], text_column):
+                raise UsageError(
+                    f"the {name} data has no text: every row of column '{text_column}' is empty or blank; "
+                    "pass data with text in it"
+                )
+            tokens = sum(len(d) for d in tokenize_documents(texts, tokenizer))
             raise UsageError(
                 f"block size {block_size} is larger than the {name} data (~{tokens} tokens in its first "
                 f"{MAP_BATCH} documents); lower --block-size or add data"
             )
+
+
+def has_text(split: Dataset, column: str) -> bool:
+    """Whether any row holds a non-blank string (only asked when a split produced no rows)."""
+    return any(isinstance(t, str) and t.strip() for t in split[column])

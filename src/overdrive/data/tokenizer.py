@@ -7,14 +7,21 @@ from collections.abc import Iterable, Iterator
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from overdrive.errors import UsageError
+from overdrive.hub import quiet_logs, require_hub
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, flag: str = "--tokenizer"
+) -> PreTrainedTokenizerBase:
+    """A saved tokenizer directory or a hub id (`flag` names the option it came from, for messages)."""
+    require_hub(name_or_path, flag, cached_files=TOKENIZER_FILES)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        with quiet_logs():
+            tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
