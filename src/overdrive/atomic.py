@@ -52,6 +52,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _default_modes(tmp)
         _fsync_tree(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -64,6 +65,16 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_modes(root: Path) -> None:
+    """mkdtemp/mkstemp make owner-only entries; outputs get the modes mkdir() and open() would give."""
+    file_mode = _default_file_mode()
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r: 0o644 -> 0o755
+    root.chmod(dir_mode)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(dir_mode if path.is_dir() else file_mode)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from overdrive.errors import UsageError
+from overdrive.errors import OverdriveError, UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,26 +23,30 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (plus its run_clm.py spellings), then the run_clm-only flags."""
     from overdrive.config import TrainConfig, field_types, literal_choices
+    from overdrive.hf_flags import add_hf_arguments, aliases_for
 
     types = field_types()
     parser.add_argument("--config", help="YAML file with the same keys as the flags (flags win)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *aliases_for(f.name)]
         tp = types[f.name]
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         choices = literal_choices(tp)
+        common: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif choices is not None:
-            parser.add_argument(flag, choices=choices, default=None, help=help_text)
+            parser.add_argument(*flags, choices=choices, **common)
         else:
             base = [a for a in getattr(tp, "__args__", ()) if a is not type(None)] or [tp]
             kind = base[0] if base[0] in (int, float) else str
-            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+            parser.add_argument(*flags, type=kind, metavar=kind.__name__.upper(), **common)
+    add_hf_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
-    from overdrive.config import TrainConfig, build_config, load_yaml
+    from overdrive.config import build_config, load_yaml
+    from overdrive.hf_flags import flag_overrides
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides = flag_overrides(vars(args))
     yaml_values = load_yaml(args.config) if args.config else {}
     cfg = build_config(yaml_values, overrides)
     if args.print_config:
@@ -105,19 +110,34 @@ def run_export(args: argparse.Namespace) -> int:
     from overdrive.parallel.checkpoint import export_hf
     from overdrive.train.checkpoint import resolve_resume, run_dir_of
 
+    if args.checkpoint == "latest":
+        raise UsageError(
+            "overdrive export needs a checkpoint directory (OUTPUT/checkpoints/step-N), not 'latest'"
+        )
     checkpoint = resolve_resume(args.checkpoint, None)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; pass a directory to write the model into")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{out} already exists and is not empty; pass --overwrite or another directory")
-    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else run_dir_of(checkpoint) / "tokenizer"
+    tokenizer = load_export_tokenizer(args.tokenizer, run_dir_of(checkpoint) / "tokenizer")
     with staged_dir(out) as tmp:
         export_hf(checkpoint, tmp)
-        if tokenizer_dir.is_dir():
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
-    print(f"exported {checkpoint} -> {out}")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    print(f"exported {checkpoint} -> {out}" + ("" if tokenizer is not None else " (no tokenizer found)"))
     return 0
+
+
+def load_export_tokenizer(requested: str | None, run_tokenizer: Any) -> Any:
+    """--tokenizer must load (checked before anything is written); else the run's own, when it has one."""
+    from overdrive.data.tokenizer import load_tokenizer
+
+    if requested is None:
+        return load_tokenizer(str(run_tokenizer)) if run_tokenizer.is_dir() else None
+    if not os.path.isdir(requested):
+        raise UsageError(f"--tokenizer {requested} is not a directory; pass a saved tokenizer directory")
+    return load_tokenizer(requested)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -165,11 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             args = build_parser().parse_args(["train", *argv])
         return COMMANDS[args.command](args)
-    except UsageError as exc:
+    except OverdriveError as exc:
         if debug:
             raise
         print(f"overdrive: error: {exc}", file=sys.stderr)
-        return UsageError.exit_code
+        return exc.exit_code
     except KeyboardInterrupt:
         print("overdrive: interrupted", file=sys.stderr)
         return 130

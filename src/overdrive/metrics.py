@@ -64,20 +64,40 @@ def peak_memory_bytes(device: torch.device) -> int:
 class MetricsWriter:
     """Appends one JSON object per line; each line is flushed so a crash loses at most the line in flight."""
 
-    def __init__(self, path: Path, append: bool = False) -> None:
+    def __init__(self, path: Path, append: bool = False, tracker: Any = None) -> None:
         self.path = path
+        self.tracker = tracker  # overdrive.tracking.Tracker: the same records go to --report-to
         self._fh = open(path, "a" if append else "w")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self.tracker is not None:
+            self.tracker.log(record["step"], record)
 
     def close(self) -> None:
         self._fh.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl; a torn last line (the run died mid-write) is dropped with a warning."""
+    from overdrive.errors import UsageError
+
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                print(f"overdrive: warning: dropped the torn last line of {path}", file=sys.stderr)
+                continue
+            raise UsageError(
+                f"{path} line {number} is not a metrics record; fix or delete that line"
+            ) from None
+        records.append(record)
+    return records
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:

@@ -155,7 +155,11 @@ def check_attn(attn_implementation: str) -> None:
 
 
 def load_pretrained(
-    name_or_path: str, attn_implementation: str, dtype: str, trust_remote_code: bool
+    name_or_path: str,
+    attn_implementation: str,
+    dtype: str,
+    trust_remote_code: bool,
+    cache_dir: str | None = None,
 ) -> PreTrainedModel:
     """Fine-tuning start point. Only safetensors weights are accepted: pickle files can run code."""
     check_pretrained_source(name_or_path, attn_implementation)
@@ -167,6 +171,7 @@ def load_pretrained(
                 trust_remote_code=trust_remote_code,
                 attn_implementation=attn_implementation,
                 dtype=DTYPES[dtype],
+                cache_dir=cache_dir,
             )
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load model {name_or_path!r}: {one_line(exc)}") from None

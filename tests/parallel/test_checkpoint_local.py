@@ -89,19 +89,19 @@ class CrashingEngine(TorchDistEngine):
 
 def test_crash_mid_save_never_looks_complete(tmp_path: Path) -> None:
     good = local_engine()
-    save_checkpoint(good, tmp_path / "checkpoint-1", extra={"step": 1})
+    save_checkpoint(good, tmp_path / "step-1", extra={"step": 1})
     model = tiny_model()
     crashing = CrashingEngine(model, model, Runtime(), Strategy(), make_optimizer, make_scheduler)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_checkpoint(crashing, tmp_path / "checkpoint-2", extra={"step": 2})
-    assert not (tmp_path / "checkpoint-2").exists()
-    assert (tmp_path / ".checkpoint-2.partial").is_dir()
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-    with pytest.raises(UsageError, match="not a complete overdrive checkpoint"):
-        read_meta(tmp_path / ".checkpoint-2.partial")
-    save_checkpoint(good, tmp_path / "checkpoint-2", extra={"step": 2})  # the next save cleans up
-    assert not (tmp_path / ".checkpoint-2.partial").exists()
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+        save_checkpoint(crashing, tmp_path / "step-2", extra={"step": 2})
+    assert not (tmp_path / "step-2").exists()
+    assert (tmp_path / ".step-2.partial").is_dir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-1"
+    with pytest.raises(UsageError, match="not an overdrive checkpoint"):
+        read_meta(tmp_path / ".step-2.partial")
+    save_checkpoint(good, tmp_path / "step-2", extra={"step": 2})  # the next save cleans up
+    assert not (tmp_path / ".step-2.partial").exists()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-2"
 
 
 def test_overwriting_a_checkpoint_replaces_it(tmp_path: Path) -> None:
@@ -114,11 +114,17 @@ def test_overwriting_a_checkpoint_replaces_it(tmp_path: Path) -> None:
 
 def test_latest_checkpoint_picks_highest_complete_step(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path / "missing") is None
-    for step in (2, 10, 7):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / MARKER).write_text("{}")
-    (tmp_path / "checkpoint-12").mkdir()  # incomplete: no marker
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    for step in (2, 10, 7, 11):
+        (tmp_path / f"step-{step}").mkdir()
+        (tmp_path / f"step-{step}" / "model.bin").write_bytes(b"1234")
+        marker = {"version": 2, "format": "local", "world_size": 1, "files": {"model.bin": 4}}
+        (tmp_path / f"step-{step}" / MARKER).write_text(json.dumps(marker))
+    (tmp_path / "step-12").mkdir()  # incomplete: no marker
+    (tmp_path / "step-11" / "model.bin").write_bytes(b"12")  # torn after its marker was written
+    (tmp_path / "checkpoint-20").mkdir()  # complete, but not the run's prefix
+    (tmp_path / "checkpoint-20" / "model.bin").write_bytes(b"1234")
+    (tmp_path / "checkpoint-20" / MARKER).write_text(json.dumps(marker))
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-10"
 
 
 def test_local_resume_continues_identically(tmp_path: Path) -> None:

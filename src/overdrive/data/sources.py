@@ -53,17 +53,17 @@ def builder_of(path: str) -> str:
     return EXTENSION_BUILDERS[Path(path).suffix.lower()]
 
 
-def read_file(path: str, flag: str) -> Dataset:
+def read_file(path: str, flag: str, cache_dir: str | None = None) -> Dataset:
     """One local file as a Dataset; a failure says what is wrong with the file."""
     builder = builder_of(path)
     try:
         with quiet_logs():
-            return load_dataset(builder, data_files={"train": path}, split="train")
+            return load_dataset(builder, data_files={"train": path}, split="train", cache_dir=cache_dir)
     except Exception as exc:  # datasets raises many kinds for unreadable files
         raise UsageError(describe_read_error(Path(path), flag, builder, exc)) from None
 
 
-def load_files(train_file: str, validation_file: str | None) -> DatasetDict:
+def load_files(train_file: str, validation_file: str | None, cache_dir: str | None = None) -> DatasetDict:
     """--train-file (and --validation-file, in the same format), each checked before either is read."""
     train_path = check_file(train_file, "--train-file")
     val_path = check_file(validation_file, "--validation-file") if validation_file else None
@@ -72,17 +72,17 @@ def load_files(train_file: str, validation_file: str | None) -> DatasetDict:
             f"--validation-file {val_path} is {builder_of(val_path)} but --train-file {train_path} is "
             f"{builder_of(train_path)}; pass both files in one format"
         )
-    splits = {"train": read_file(train_path, "--train-file")}
+    splits = {"train": read_file(train_path, "--train-file", cache_dir)}
     if val_path is not None:
-        splits["validation"] = read_file(val_path, "--validation-file")
+        splits["validation"] = read_file(val_path, "--validation-file", cache_dir)
     return DatasetDict(splits)
 
 
-def load_hub_dataset(dataset: str, dataset_config: str | None) -> DatasetDict:
+def load_hub_dataset(dataset: str, dataset_config: str | None, cache_dir: str | None = None) -> DatasetDict:
     require_hub(dataset, "--dataset", cached_files=None)
     try:
         with quiet_logs():
-            raw = load_dataset(dataset, dataset_config)
+            raw = load_dataset(dataset, dataset_config, cache_dir=cache_dir)
     except Exception as exc:
         var = offline_var()
         if var is not None:
@@ -107,13 +107,14 @@ def load_raw(
     text_column: str | None,
     validation_split_percentage: int,
     seed: int,
+    cache_dir: str | None = None,
 ) -> tuple[DatasetDict, str, str]:
     """Return (datasets with train and validation, the text column, a name for the source)."""
     if train_file:
-        raw = load_files(train_file, validation_file)
+        raw = load_files(train_file, validation_file, cache_dir)
         source = str(Path(train_file))
     elif dataset:
-        raw = load_hub_dataset(dataset, dataset_config)
+        raw = load_hub_dataset(dataset, dataset_config, cache_dir)
         source = dataset if dataset_config is None else f"{dataset}/{dataset_config}"
     elif validation_file:
         raise UsageError("--validation-file needs --train-file")

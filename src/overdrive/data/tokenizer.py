@@ -15,13 +15,18 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
 
 
 def load_tokenizer(
-    name_or_path: str, trust_remote_code: bool = False, flag: str = "--tokenizer"
+    name_or_path: str,
+    trust_remote_code: bool = False,
+    flag: str = "--tokenizer",
+    cache_dir: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """A saved tokenizer directory or a hub id (`flag` names the option it came from, for messages)."""
     require_hub(name_or_path, flag, cached_files=TOKENIZER_FILES)
     try:
         with quiet_logs():
-            tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir
+            )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(

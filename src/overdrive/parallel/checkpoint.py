@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory (on a filesystem every rank can reach):
 
-    overdrive-checkpoint.json   written last; its presence means complete (format, world size, strategy)
+    overdrive-checkpoint.json   written last: format, world size, strategy and a manifest of every file
+                                with its size; complete only while every listed file is there at that size
     dcp/                        torch.distributed.checkpoint: model + optimizer, keyed by parameter name
     trainer_state.pt            scheduler (+ grad scaler) state, rank 0, read with weights_only=True
     deepspeed/                  instead of dcp/ for the DeepSpeed engine (its own format)
@@ -12,7 +13,8 @@ Layout of a checkpoint directory (on a filesystem every rank can reach):
 
 Atomicity: every rank writes into the hidden sibling `.<name>.partial`; after a barrier rank 0 writes the
 marker and renames the directory into place. A crash at any point leaves either the previous checkpoint or a
-`.partial` directory that `latest_checkpoint` ignores and the next save removes.
+`.partial` directory that `latest_checkpoint` ignores and the next save removes. Deleting a checkpoint first
+renames it to a hidden `.trash` name (atomic), so a crash mid-delete never leaves a marked, half-deleted one.
 
 DCP stores each tensor by name with its global shape, so a checkpoint written by FSDP on N ranks loads into
 FSDP on M ranks, into DDP, or into the single-process LocalEngine; the planner reshards on load.
@@ -36,10 +38,12 @@ import torch
 from torch import nn
 
 from overdrive.errors import UsageError
+from overdrive.parallel.safe_dcp import SafeFileSystemReader
 from overdrive.train.engine import Runtime
 
 MARKER = "overdrive-checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the marker lists every file with its size
+PREFIX = "step-"  # OUTPUT/checkpoints/step-NNNNNNN
 
 
 # ---------------------------------------------------------------- DCP: model + optimizer
@@ -82,8 +86,10 @@ def load_dcp(
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    reader = SafeFileSystemReader(directory / "dcp")
+    reader.read_metadata()  # a refused metadata file stops here with one line, not inside DCP's collectives
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(directory / "dcp"), no_dist=_no_dist())
+        dcp.load(state, storage_reader=reader, no_dist=_no_dist())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(trainer["scheduler"])
@@ -165,6 +171,7 @@ def save_checkpoint(engine: Any, directory: str | Path, extra: dict[str, Any] | 
             "engine": type(engine).__name__,
             "world_size": runtime.world_size,
             "strategy": strategy.to_dict() if strategy is not None else None,
+            "files": manifest(partial),
         }
         _write_json(partial / MARKER, meta)
         old = final.parent / f".{final.name}.old"
@@ -180,22 +187,86 @@ def save_checkpoint(engine: Any, directory: str | Path, extra: dict[str, Any] | 
     return final
 
 
+def manifest(directory: Path) -> dict[str, int]:
+    """Relative path -> size of every file under `directory` (the marker excluded)."""
+    return {
+        str(path.relative_to(directory)): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MARKER
+    }
+
+
+def remove_checkpoint(directory: Path) -> None:
+    """Delete a checkpoint so that a crash at any moment leaves it whole or invisible, never half-there."""
+    trash = directory.parent / f".{directory.name}.trash"
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(directory, trash)  # atomic: from here on nothing takes it for a checkpoint
+    _fsync_dir(directory.parent)
+    shutil.rmtree(trash)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Hidden `.partial`/`.old`/`.trash` directories that crashed saves or deletions left behind."""
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if child.name.startswith(".") and child.name.endswith((".partial", ".old", ".trash")):
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """The completion marker's content; UsageError when the directory is not a complete checkpoint."""
-    path = Path(directory) / MARKER
-    if not path.is_file():
+    path = Path(directory)
+    if not (path / MARKER).is_file():
+        raise UsageError(not_a_checkpoint(path))
+    try:
+        meta = json.loads((path / MARKER).read_text())
+        int(meta["world_size"]), str(meta["format"])
+    except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(
-            f"{directory} is not a complete overdrive checkpoint (no {MARKER}); pass a checkpoint directory "
-            "or 'latest'"
+            f"checkpoint {path} has an unreadable {MARKER}; it is corrupt: use another checkpoint"
+        ) from None
+    problem = missing_files(path, meta)
+    if problem:
+        raise UsageError(f"checkpoint {path} is incomplete ({problem}); use another checkpoint")
+    return meta
+
+
+def not_a_checkpoint(path: Path) -> str:
+    """Why `path` is no checkpoint, and what the user probably meant."""
+    if (path / "checkpoints").is_dir() or (path / "summary.json").is_file() or (path / "final").is_dir():
+        return (
+            f"{path} is a run directory, not a checkpoint; pass one of {path}/checkpoints/{PREFIX}N "
+            f"(or --resume latest --output-dir {path})"
         )
-    return json.loads(path.read_text())
+    return f"{path} is not an overdrive checkpoint (no {MARKER}); pass OUTPUT/checkpoints/{PREFIX}N"
+
+
+def missing_files(directory: Path, meta: dict[str, Any]) -> str | None:
+    """The first file the marker's manifest lists that is absent or has another size, described; else None."""
+    files = meta.get("files")
+    if files is None:
+        return None if meta.get("version", 1) < 2 else "its manifest is missing"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size}"
+    return None
 
 
 def is_complete(directory: str | Path) -> bool:
-    return (Path(directory) / MARKER).is_file()
+    try:
+        read_meta(directory)
+    except UsageError:
+        return False
+    return True
 
 
-def latest_checkpoint(root: str | Path, prefix: str = "checkpoint-") -> Path | None:
+def latest_checkpoint(root: str | Path, prefix: str = PREFIX) -> Path | None:
     """The complete `<prefix><step>` directory with the highest step under `root`, or None."""
     best: tuple[int, Path] | None = None
     base = Path(root)
@@ -291,7 +362,7 @@ def _dcp_model_tensors(dcp_dir: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(dcp_dir))
+    reader = SafeFileSystemReader(dcp_dir)
     metadata = reader.read_metadata()
     model: dict[str, torch.Tensor] = {}
     for key, item in metadata.state_dict_metadata.items():

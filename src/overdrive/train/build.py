@@ -6,16 +6,14 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from overdrive.atomic import remove_entries
 from overdrive.config import TrainConfig
-from overdrive.data.tokenizer import load_tokenizer, train_bpe
-from overdrive.errors import UsageError
+from overdrive.data.tokenizer import TOKENIZER_FILES, load_tokenizer, train_bpe
+from overdrive.hub import require_hub
 from overdrive.modeling import (
     build_from_config,
     check_attn,
@@ -24,60 +22,21 @@ from overdrive.modeling import (
     preset_config,
 )
 from overdrive.parallel import Strategy
-from overdrive.train import checkpoint
 from overdrive.train.engine import Runtime, TrainEngine
 from overdrive.train.optim import make_optimizer, make_scheduler
 
-RUN_ARTIFACTS = (
-    "checkpoints",
-    "final",
-    "tokenizer",
-    "metrics.jsonl",
-    "summary.json",
-    "curves.png",
-    "sample.txt",
-    "config.yaml",
-)
-
-
-def plan_output(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """Decide the output dir and the checkpoint to resume from, refusing to clobber an existing run."""
-    if cfg.resume and cfg.resume != "latest" and cfg.output_dir is None:
-        resume_from = checkpoint.resolve_resume(cfg.resume, None)
-        return checkpoint.run_dir_of(resume_from), resume_from
-    output_dir = (
-        Path(cfg.output_dir) if cfg.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    )
-    if cfg.resume == "latest":
-        if cfg.output_dir is None:
-            raise UsageError("--resume latest needs --output-dir (the run to continue)")
-        if not checkpoint.list_checkpoints(output_dir):
-            # First start of a run launched with restarts (torchrun --max-restarts): nothing to resume yet.
-            return output_dir, None
-    if cfg.resume:
-        return output_dir, checkpoint.resolve_resume(cfg.resume, output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"output dir {output_dir} is a file; pass a directory to --output-dir")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.overwrite:
-        raise UsageError(
-            f"output dir {output_dir} already exists and is not empty; pass --overwrite to replace the run, "
-            "--resume latest to continue it, or another --output-dir"
-        )
-    return output_dir, None
-
 
 def check_model_source(cfg: TrainConfig) -> None:
-    """Fail on a bad --model / --model-config before any data is read or tokenizer trained."""
+    """Fail on a bad --model / --model-config, or an unreachable hub id, before any data is read."""
     if cfg.model:
         check_pretrained_source(cfg.model, cfg.attn_implementation)
     else:
         preset_config(cfg.model_config or "tiny")
         check_attn(cfg.attn_implementation)
-
-
-def clear_run(output_dir: Path) -> None:
-    """With --overwrite, remove what an earlier run wrote (and nothing else the user keeps there)."""
-    remove_entries(output_dir, RUN_ARTIFACTS)
+    if cfg.tokenizer:
+        require_hub(cfg.tokenizer, "--tokenizer", cached_files=TOKENIZER_FILES)
+    if cfg.dataset:
+        require_hub(cfg.dataset, "--dataset", cached_files=None)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -98,9 +57,9 @@ def resolve_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """--tokenizer, else the model's, else (from scratch) the run's saved one on resume, else train a BPE."""
     if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, "--tokenizer", cfg.cache_dir)
     if cfg.model:
-        return load_tokenizer(cfg.model, cfg.trust_remote_code)
+        return load_tokenizer(cfg.model, cfg.trust_remote_code, "--model", cfg.cache_dir)
     if run_dir is not None and (run_dir / "tokenizer").is_dir():
         return load_tokenizer(str(run_dir / "tokenizer"))
     return train_bpe((t for t in train_texts if isinstance(t, str)), cfg.vocab_size)
@@ -108,7 +67,9 @@ def resolve_tokenizer(
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
     if cfg.model:
-        model = load_pretrained(cfg.model, cfg.attn_implementation, cfg.dtype, cfg.trust_remote_code)
+        model = load_pretrained(
+            cfg.model, cfg.attn_implementation, cfg.dtype, cfg.trust_remote_code, cfg.cache_dir
+        )
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             model.resize_token_embeddings(vocab_size)
     else:

@@ -7,59 +7,80 @@ this module adds the run's layout `OUTPUT/checkpoints/step-NNNNNNN/`, `--resume 
 from __future__ import annotations
 
 import json
-import shutil
+import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
 from overdrive.errors import UsageError
 from overdrive.parallel.checkpoint import (
-    MARKER,
+    PREFIX,
     capture_rng_state,
+    is_complete,
     latest_checkpoint,
     load_checkpoint,
+    read_meta,
+    remove_checkpoint,
+    remove_leftovers,
     restore_rng_state,
     save_checkpoint,
 )
+from overdrive.parallel.distributed import is_peer_failure
 from overdrive.train.engine import TrainEngine
-
-PREFIX = "step-"
 
 
 def checkpoints_root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
+def step_of(path: Path) -> int | None:
+    suffix = path.name[len(PREFIX) :]
+    return int(suffix) if path.name.startswith(PREFIX) and suffix.isdigit() else None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (every file of the manifest present), oldest first."""
     root = checkpoints_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [p for p in root.iterdir() if step_of(p) is not None and is_complete(p)]
+    return sorted(found, key=lambda p: step_of(p) or 0)
 
 
 def resolve_resume(resume: str, output_dir: Path | None) -> Path:
-    """'latest' or a path -> a checkpoint directory whose completion marker is readable."""
+    """'latest' or a path -> a complete checkpoint directory (UsageError naming the fix otherwise)."""
     if resume == "latest":
         if output_dir is None:
             raise UsageError("--resume latest needs --output-dir (the run to continue)")
-        path = latest_checkpoint(checkpoints_root(output_dir), prefix=PREFIX)
+        path = latest_checkpoint(checkpoints_root(output_dir))
         if path is None:
             raise UsageError(
-                f"no checkpoint found under {checkpoints_root(output_dir)}; drop --resume or fix the path"
+                f"no complete checkpoint under {checkpoints_root(output_dir)}; drop --resume or fix the path"
             )
+        warn_skipped_newer(path)
     else:
         path = Path(resume)
         if not path.is_dir():
             raise UsageError(f"checkpoint {resume} does not exist; pass a checkpoint directory or 'latest'")
+    read_meta(path)  # marker readable and every file of its manifest there
     try:
-        meta = json.loads((path / MARKER).read_text())
-        int(meta["world_size"])
         extra = json.loads((path / "extra" / "rank_0.json").read_text())
         int(extra["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"checkpoint {path} is incomplete or corrupt; resume from an earlier one") from None
+        raise UsageError(
+            f"checkpoint {path} has no readable extra/rank_0.json (step and data position); it is corrupt: "
+            "use another checkpoint"
+        ) from None
     return path
+
+
+def warn_skipped_newer(chosen: Path) -> None:
+    """Say so when `latest` passes over newer checkpoint directories that are incomplete."""
+    chosen_step = step_of(chosen) or 0
+    for other in sorted(chosen.parent.iterdir()):
+        step = step_of(other)
+        if step is not None and step > chosen_step and not is_complete(other):
+            print(f"overdrive: warning: skipping incomplete checkpoint {other}", file=sys.stderr)
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -71,9 +92,11 @@ def save(engine: TrainEngine, output_dir: Path, step: int, state: dict[str, Any]
     """Checkpoint at `step` (every rank calls), then drop the oldest beyond `keep`."""
     extra = {**state, "step": step, "rng": capture_rng_state()}
     path = save_checkpoint(engine, checkpoints_root(output_dir) / f"{PREFIX}{step:07d}", extra)
-    if engine.runtime.is_main and keep:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    if engine.runtime.is_main:
+        remove_leftovers(checkpoints_root(output_dir))
+        if keep:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                remove_checkpoint(old)
     engine.runtime.barrier()
     return path
 
@@ -84,11 +107,29 @@ def load(engine: TrainEngine, path: Path) -> dict[str, Any]:
         resumed = load_checkpoint(engine, path)
     except UsageError:
         raise
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
-            f"checkpoint {path} could not be loaded ({first}); resume from an earlier one"
-        ) from None
+    except Exception as exc:  # safetensors, pickle and torch each raise their own kinds for bad files
+        if engine.runtime.world_size > 1 and is_peer_failure(exc):
+            raise  # a lost rank, not a bad file: `guard` reports it
+        raise UsageError(describe_load_failure(path, exc)) from None
     if resumed.same_world and "rng" in resumed.extra:
         restore_rng_state(resumed.extra["rng"])
     return resumed.extra
+
+
+def describe_load_failure(path: Path, exc: BaseException) -> str:
+    """One line naming why a checkpoint did not load and the fix that fits that cause."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Unsupported global" in text:
+        return (
+            f"checkpoint {path} holds objects that are not plain tensors and was not loaded (refused by "
+            "weights-only loading); it may be tampered with: use a checkpoint you trust"
+        )
+    if "size mismatch" in text or ("shape" in text.lower() and "mismatch" in text.lower()):
+        return (
+            f"checkpoint {path} was written for a different model ({first}); resume with the model config "
+            "and tokenizer it was written with, or start a new run"
+        )
+    return (
+        f"checkpoint {path} could not be loaded ({type(exc).__name__}: {first}); it is corrupt: use another"
+    )

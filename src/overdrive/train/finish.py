@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from overdrive import __version__
 from overdrive.atomic import staged_dir, write_text
 from overdrive.config import TrainConfig
-from overdrive.data.loader import collate, count_target_tokens
+from overdrive.data.loader import BatchPlan, collate, count_target_tokens
 from overdrive.metrics import device_name, read_metrics
 from overdrive.train.build import autocast
 from overdrive.train.engine import Runtime, TrainEngine
@@ -24,7 +24,7 @@ from overdrive.train.engine import Runtime, TrainEngine
 def evaluate(engine: TrainEngine, rows: Dataset, cfg: TrainConfig, runtime: Runtime) -> dict[str, float]:
     """Token-weighted mean loss over the validation rows (ranks take interleaved micro-batches)."""
     engine.model.eval()
-    m = cfg.micro_batch_size
+    m = cfg.eval_batch_size or cfg.micro_batch_size
     starts = list(range(0, len(rows), m))
     if cfg.max_eval_batches:
         starts = starts[: cfg.max_eval_batches]
@@ -76,7 +76,10 @@ def generate_sample(
         model = engine.unwrapped_model()
     model.eval()
     device = next(model.parameters()).device
-    inputs = tokenizer(cfg.prompt, return_tensors="pt").to(device)
+    inputs = prompt_inputs(tokenizer, cfg.prompt)
+    if inputs is None:
+        return ""
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     generator_state = torch.get_rng_state()
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
@@ -93,13 +96,29 @@ def generate_sample(
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def prompt_inputs(tokenizer: PreTrainedTokenizerBase, prompt: str) -> dict[str, torch.Tensor] | None:
+    """Token ids to continue; an empty prompt starts from BOS (or EOS, which also ends a document)."""
+    inputs = dict(tokenizer(prompt, return_tensors="pt"))
+    if inputs["input_ids"].shape[1] > 0:
+        return inputs
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        return None  # nothing to start from: no sample
+    ids = torch.tensor([[start]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the file reads as one run."""
+    """On resume from `step`, keep what was logged up to the checkpoint so the file reads as one run.
+
+    Train lines up to `step` stay; eval lines at `step` go too, because the resumed run evaluates there
+    again (or, resuming a finished run, writes the final eval again).
+    """
     if not path.is_file():
         return
     import json
 
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    kept = [r for r in read_metrics(path) if r["step"] < step or (r["step"] == step and "eval_loss" not in r)]
     write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -130,8 +149,13 @@ def build_summary(
     flops_tok: float,
     source: str,
     output_dir: Path,
+    plan: BatchPlan,
 ) -> dict[str, Any]:
     train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:  # a resumed run's first eval is the original run's, at its first step
+        first = min(evals, key=lambda r: r["step"])
+        first_eval = {"eval_loss": first["eval_loss"], "eval_perplexity": first["eval_perplexity"]}
     tps = timed_tokens / timed_seconds if timed_seconds > 0 else None
     return {
         "steps": total_steps,
@@ -141,6 +165,9 @@ def build_summary(
         "first_eval_perplexity": first_eval["eval_perplexity"] if first_eval else None,
         "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
         "final_eval_perplexity": final_eval["eval_perplexity"] if final_eval else None,
+        "global_batch_size": plan.global_batch_size,  # rows per optimizer step = micro × ranks × accumulation
+        "micro_batch_size": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
         "tokens_trained": total_steps * cfg.global_batch_size * cfg.block_size,
         "tokens_per_sec": tps,
         "tokens_per_sec_per_device": tps / runtime.world_size if tps else None,

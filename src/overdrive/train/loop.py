@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import yaml
+from datasets import Dataset
 
 from overdrive.atomic import write_json, write_text
 from overdrive.config import TrainConfig
@@ -27,7 +28,7 @@ from overdrive.data.loader import (
 )
 from overdrive.data.packing import build_lm_datasets
 from overdrive.data.sources import load_raw
-from overdrive.errors import UsageError
+from overdrive.errors import TrainingDiverged, UsageError
 from overdrive.metrics import (
     MetricsWriter,
     flops_per_token,
@@ -39,15 +40,14 @@ from overdrive.metrics import (
 from overdrive.modeling import count_parameters
 from overdrive.parallel import Strategy
 from overdrive.parallel.distributed import guard, init_runtime, shutdown
+from overdrive.tracking import open_trackers, parse_report_to
 from overdrive.train import checkpoint
 from overdrive.train.build import (
     autocast,
     build_engine,
     build_model,
     check_model_source,
-    clear_run,
     main_process_first,
-    plan_output,
     resolve_strategy,
     resolve_tokenizer,
     seed_everything,
@@ -64,6 +64,7 @@ from overdrive.train.finish import (
     truncate_metrics,
 )
 from overdrive.train.progress import Progress
+from overdrive.train.rundir import claim_output_dir, clear_run, plan_output
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -73,14 +74,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     strategy = resolve_strategy(cfg)
     runtime = init_runtime(strategy)  # validates the strategy before any process group starts
     try:
-        with guard(runtime):
-            return run(cfg, strategy, runtime, output_dir, resume_from)
+        with guard(runtime), contextlib.ExitStack() as cleanup:
+            return run(cfg, strategy, runtime, output_dir, resume_from, cleanup)
     finally:
         shutdown()
 
 
 def run(
-    cfg: TrainConfig, strategy: Strategy, runtime: Runtime, output_dir: Path, resume_from: Path | None
+    cfg: TrainConfig,
+    strategy: Strategy,
+    runtime: Runtime,
+    output_dir: Path,
+    resume_from: Path | None,
+    cleanup: contextlib.ExitStack,
 ) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
 
@@ -93,14 +99,15 @@ def run(
         text_column=cfg.text_column,
         validation_split_percentage=cfg.validation_split_percentage,
         seed=cfg.seed,
+        cache_dir=cfg.cache_dir,
     )
     tokenizer = resolve_tokenizer(cfg, raw["train"][text_column], output_dir if resume_from else None)
     tokenizer = share_tokenizer(tokenizer, runtime)
     with main_process_first(runtime):  # rank 0 fills the datasets cache, the others read it
         lm = build_lm_datasets(raw, text_column, tokenizer, cfg.block_size, cfg.packing)
-    train_rows = lm["train"]
-    if cfg.max_train_samples:
-        train_rows = train_rows.select(range(min(cfg.max_train_samples, len(train_rows))))
+    train_rows = first_rows(lm["train"], cfg.max_train_samples)
+    if "validation" in lm:
+        lm["validation"] = first_rows(lm["validation"], cfg.max_eval_samples)
     micro_batch_size, _ = strategy.resolve_batch(
         cfg.global_batch_size, runtime.world_size, cfg.micro_batch_size
     )
@@ -120,10 +127,8 @@ def run(
     flops_tok = flops_per_token(n_compute_params, mc.num_hidden_layers, mc.hidden_size, cfg.block_size)
     engine = build_engine(model, cfg, strategy, runtime, total_steps)
 
-    # from here on the run writes to disk
-    runtime.barrier()  # every rank has checked the output dir before rank 0 creates it
-    if runtime.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    # from here on the run writes to disk, holding the output dir until it ends
+    cleanup.enter_context(claim_output_dir(cfg, runtime, output_dir, resume_from))
     start_step = 0
     if resume_from is not None:
         start_step = checkpoint.load(engine, resume_from)["step"]
@@ -134,8 +139,17 @@ def run(
         tokenizer.save_pretrained(str(output_dir / "tokenizer"))
     if runtime.is_main:
         write_text(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tracker = cleanup.enter_context(
+        open_trackers(
+            parse_report_to(cfg.report_to) if runtime.is_main else [],
+            output_dir,
+            cfg.to_dict(),
+            output_dir.name,
+            resume_step=start_step if resume_from is not None else None,
+        )
+    )
     writer = (
-        MetricsWriter(output_dir / "metrics.jsonl", append=resume_from is not None)
+        MetricsWriter(output_dir / "metrics.jsonl", append=resume_from is not None, tracker=tracker)
         if runtime.is_main
         else None
     )
@@ -149,7 +163,12 @@ def run(
     peak = peak_tflops(runtime.device)
     tokens_per_step = cfg.global_batch_size * cfg.block_size
     warmup = 2 if strategy.compile else 1  # first steps pay for compilation and allocator warm-up
-    first_eval = evaluate(engine, lm["validation"], cfg, runtime) if "validation" in lm else None
+    # at the start, not again when resuming a finished run (its final eval follows)
+    first_eval = (
+        evaluate(engine, lm["validation"], cfg, runtime)
+        if "validation" in lm and start_step < total_steps
+        else None
+    )
     if first_eval and writer:
         writer.write({"step": start_step, **first_eval})
     timed_tokens, timed_seconds, window_tokens, window_seconds = 0, 0.0, 0, 0.0
@@ -166,7 +185,12 @@ def run(
         ]
         loss_value, grad_norm, lr = train_step(engine, micro_batches, cfg.precision, cfg.max_grad_norm)
         if not math.isfinite(loss_value):
-            raise RuntimeError(f"loss became {loss_value} at step {step + 1}; lower --learning-rate")
+            kept = checkpoint.list_checkpoints(output_dir)
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step + 1}; stopped with "
+                + (f"the last good checkpoint {kept[-1]} kept" if kept else "no checkpoint written")
+                + "; lower --learning-rate or add --warmup-steps and start again"
+            )
         elapsed = time.perf_counter() - t0
         done = step + 1
         if step - start_step >= warmup:
@@ -256,10 +280,16 @@ def run(
         flops_tok,
         source,
         output_dir,
+        plan,
     )
     write_json(output_dir / "summary.json", summary)
     log.info(summary_line(summary))
     return summary
+
+
+def first_rows(rows: Dataset, limit: int | None) -> Dataset:
+    """--max-train-samples / --max-eval-samples: the first `limit` packed rows."""
+    return rows.select(range(min(limit, len(rows)))) if limit else rows
 
 
 def train_step(
