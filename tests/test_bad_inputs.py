@@ -359,6 +359,34 @@ RUNS_AND_CHECKPOINTS = [
     Case("export-missing-checkpoint", ["export", "{tmp}/nope", "{tmp}/exported"], "does not exist"),
 ]
 
+LAYOUTS = [
+    Case(
+        "tp-does-not-divide-heads",
+        train("--strategy", "tp"),
+        "tensor_parallel 3 does not divide the model's 8 attention heads",
+        {"RANK": "0", "WORLD_SIZE": "3"},
+    ),
+    Case(
+        "tp-does-not-divide-world",
+        with_file("s.yaml", "data_parallel: fsdp\ntensor_parallel: 2\n", "--strategy", "{file}"),
+        "tensor_parallel 2 must divide the world size 3",
+        {"RANK": "0", "WORLD_SIZE": "3"},
+    ),
+    Case(
+        "tp-with-ddp",
+        with_file("s.yaml", "data_parallel: ddp\ntensor_parallel: 2\n", "--strategy", "{file}"),
+        "tensor_parallel with ddp is not supported",
+        {"RANK": "0", "WORLD_SIZE": "4"},
+    ),
+    Case(
+        "tp-with-deepspeed",
+        with_file(
+            "s.yaml", "engine: deepspeed\ndata_parallel: ddp\ntensor_parallel: 2\n", "--strategy", "{file}"
+        ),
+        "tensor_parallel works with engine torch",
+    ),
+]
+
 LAUNCH = [
     Case("launch-nproc-zero", ["launch", "--nproc-per-node", "0", "--dry-run", "train"], "--nproc-per-node"),
     Case(
@@ -377,6 +405,7 @@ CASES: list[Case] = [
     *CHOICES,
     *DATA_AND_MODEL,
     *RUNS_AND_CHECKPOINTS,
+    *LAYOUTS,
     *LAUNCH,
 ]
 

@@ -217,7 +217,7 @@ def test_hf_bool_false_switches_off(capsys: pytest.CaptureFixture[str]) -> None:
         ("4", ["--micro-batch-size", "2", "--gradient-accumulation-steps", "2"], 16),  # native spellings
         ("4", ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--global-batch-size", "16"], 16),
         ("4", ["--per_device_train_batch_size", "2", "--global-batch-size", "32"], 32),  # explicit global wins
-        ("4", ["--micro-batch-size", "4"], 8),  # without accumulation, overdrive's global default stands
+        ("4", ["--micro-batch-size", "2"], 8),  # without accumulation, overdrive's global default stands
     ],
 )  # fmt: skip
 def test_global_batch_is_per_device_times_world_times_accumulation(
@@ -358,3 +358,20 @@ def test_validate_a_config_built_in_code(change: dict[str, Any], needle: str) ->
 def test_defaults_are_valid() -> None:
     validate(TrainConfig())
     validate(TrainConfig(save_total_limit=None, vocab_size=258, seed=2**32 - 1, adam_beta1=0.0))
+
+
+def test_flags_switch_strategy_axes_on_and_off(tmp_path: Path) -> None:
+    """A flag overrides what the strategy YAML set, in both directions; an absent flag leaves it alone."""
+    from overdrive.config import build_config
+    from overdrive.train.build import resolve_strategy
+
+    path = tmp_path / "s.yaml"
+    path.write_text("compile: true\nkernels: true\nactivation_checkpointing: every_k\nac_every: 2\n")
+    off = resolve_strategy(
+        build_config({}, {"strategy": str(path), "compile": False, "activation_checkpointing": False})
+    )
+    assert (off.compile, off.kernels, off.activation_checkpointing, off.ac_every) == (False, True, "none", 1)
+    kept = resolve_strategy(build_config({}, {"strategy": str(path), "activation_checkpointing": True}))
+    assert (kept.activation_checkpointing, kept.ac_every, kept.compile) == ("every_k", 2, True)
+    on = resolve_strategy(build_config({}, {"activation_checkpointing": True, "kernels": True}))
+    assert (on.activation_checkpointing, on.kernels, on.compile) == ("full", True, False)

@@ -38,12 +38,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         choices = literal_choices(tp)
         common: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-        if tp is bool:
+        base = [a for a in getattr(tp, "__args__", ()) if a is not type(None)] or [tp]
+        if base[0] is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif choices is not None:
             parser.add_argument(*flags, choices=choices, **common)
         else:
-            base = [a for a in getattr(tp, "__args__", ()) if a is not type(None)] or [tp]
             kind = base[0] if base[0] in (int, float) else str
             parser.add_argument(*flags, type=kind, metavar=kind.__name__.upper(), **common)
     add_hf_arguments(parser)
@@ -174,6 +174,8 @@ def quiet_libraries(debug: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    # DTensor advises on multi-dimensional redistributions (clipping and export under FSDP × TP): not for users
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

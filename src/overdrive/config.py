@@ -76,9 +76,10 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of the peak"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip threshold; 0 disables clipping"})
     precision: Precision = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
-    kernels: bool = field(default=False, metadata={"help": "swap in overdrive's fused kernels"})
+    # None: the strategy decides; true/false overrides it either way
+    activation_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations"})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile each decoder block"})
+    kernels: bool | None = field(default=None, metadata={"help": "swap in overdrive's fused kernels"})
     strategy: str | None = field(default=None, metadata={"help": "strategy preset name or YAML file"})
     seed: int = field(default=42, metadata={"help": "random seed, in [0, 2**32)"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms"})
@@ -359,17 +360,27 @@ def resolve_global_batch(cfg: TrainConfig, explicit_global: bool) -> None:
     cfg.global_batch_size = derived
 
 
+def check_batch(cfg: TrainConfig) -> None:
+    """The global batch must split over the data-parallel ranks the launcher started and the strategy leaves
+    (world ÷ tensor parallel); Strategy.resolve_batch is the one place that decides it."""
+    from overdrive.parallel.strategy import Strategy
+
+    strategy = Strategy.from_name_or_path(cfg.strategy)
+    world = world_size_from_env()
+    try:
+        strategy.validate(world)
+    except UsageError:
+        return  # `train` reports the strategy's own problem first, before anything starts
+    strategy.resolve_batch(cfg.global_batch_size, world // strategy.tp_degree(world), cfg.micro_batch_size)
+
+
 def check_relations(cfg: TrainConfig) -> None:
     """Checks across fields and against the outside world; nothing is read beyond a stat."""
     if cfg.model and cfg.model_config:
         raise UsageError("--model and --model-config are exclusive; pass one (fine-tune or from scratch)")
     if cfg.dataset and cfg.train_file:
         raise UsageError("--dataset and --train-file are exclusive; pass one data source")
-    if cfg.global_batch_size % cfg.micro_batch_size:
-        raise UsageError(
-            f"--global-batch-size {cfg.global_batch_size} must be a multiple of --micro-batch-size "
-            f"{cfg.micro_batch_size}"
-        )
+    check_batch(cfg)
     if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         raise UsageError(f"--cache-dir {cfg.cache_dir} is a file; pass a directory")
     if cfg.report_to is not None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from overdrive.kernels.compile import compile_model, compile_regions, find_decoder_layers
+from overdrive.core.layers import decoder_layers
+from overdrive.kernels.compile import compile_model, compile_regions
 from overdrive.patches import patch_model
 
 
@@ -25,24 +26,26 @@ def _tiny(layers: int = 2) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).train()
 
 
-def test_find_decoder_layers() -> None:
+def test_decoder_layers_finds_the_blocks() -> None:
     model = _tiny(3)
-    assert find_decoder_layers(model) is model.model.layers
+    assert decoder_layers(model) == list(model.model.layers)
 
     class Block(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lin = torch.nn.Linear(8, 8)
+            self.lin = torch.nn.Linear(64, 64)
 
     class Odd(torch.nn.Module):
+        """4 blocks of Linear(64, 64) beside 8 small heads: the blocks hold the parameters."""
+
         def __init__(self) -> None:
             super().__init__()
-            self.heads = torch.nn.ModuleList([torch.nn.Linear(8, 2), torch.nn.Linear(8, 3)])  # mixed: skip
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(4, 1) for _ in range(8)])
             self.trunk = torch.nn.Sequential(torch.nn.Identity())
             self.trunk.blocks = torch.nn.ModuleList([Block() for _ in range(4)])
 
     odd = Odd()
-    assert find_decoder_layers(odd) is odd.trunk.blocks
+    assert decoder_layers(odd) == list(odd.trunk.blocks)
     with pytest.warns(UserWarning, match="no decoder-layer"):
         assert compile_regions(torch.nn.Linear(2, 2)) == 0
 

@@ -4,13 +4,14 @@ Run under `torchrun --nproc-per-node N` (or plain python for one process). Sever
 the other in the same process group to save start-up time; each gets a fresh model from the same seed.
 
 Loss contract (what overdrive.train.loop does): micro-batch loss = sum(token CE) / N_global, N_global = target
-tokens of the whole global batch summed over ranks; backward on loss * world_size; one engine.step per global
+tokens of the whole global batch summed over ranks; engine.forward_backward; one engine.step per global
 batch. The recorded loss of a step is the all-reduced sum of micro-batch losses = mean token CE of the batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from overdrive.core.layers import decoder_layers
 from overdrive.data.loader import (
     BatchPlan,
     collate,
@@ -36,7 +38,7 @@ from overdrive.parallel.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from overdrive.parallel.distributed import decoder_layers, guard, init_runtime, is_peer_failure, shutdown
+from overdrive.parallel.distributed import guard, init_runtime, is_peer_failure, shutdown
 
 GLOBAL_BATCH = 8
 MICRO_BATCH = 2
@@ -129,8 +131,8 @@ def facts(engine) -> dict:
         isinstance(layer.__dict__.get("forward"), functools.partial) for layer in layers
     )
     out["compiled_layers"] = sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)
-    if hasattr(engine, "sharding_report"):
-        out.update(engine.sharding_report())
+    if getattr(engine, "strategy", None) is not None and engine.strategy.data_parallel in ("fsdp", "hsdp"):
+        out.update(sharding_report(engine.module))
     if type(engine).__name__ == "DeepSpeedEngine":
         out["zero_stage"] = engine.zero_stage
         out["optimizer"] = type(engine.optimizer).__name__
@@ -141,6 +143,29 @@ def facts(engine) -> dict:
     return out
 
 
+def sharding_report(module: torch.nn.Module) -> dict[str, object]:
+    """Facts for the tests: whether parameters are DTensors, on which mesh, where they live, FSDP2's own record."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(module.parameters())
+    first = params[0]
+    out: dict[str, object] = {
+        "all_dtensor": all(isinstance(p, DTensor) for p in params),
+        "mesh_shape": list(first.device_mesh.shape) if isinstance(first, DTensor) else None,
+        "placements": [str(p) for p in first.placements] if isinstance(first, DTensor) else None,
+        "param_device": first.to_local().device.type if isinstance(first, DTensor) else first.device.type,
+        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+        "numel": sum(p.numel() for p in params),
+    }
+    try:  # private FSDP2 attributes: best effort
+        group = (decoder_layers(module) or [module])[0]._get_fsdp_state()._fsdp_param_group
+        out["reshard_after_forward"] = group.post_forward_mesh_info is not None
+        out["offload_to_cpu"] = all(p.offload_to_cpu for p in group.fsdp_params)
+    except AttributeError:
+        pass
+    return out
+
+
 def variant(name: str) -> Strategy:
     preset, overrides = VARIANTS[name]
     return Strategy.from_dict({**Strategy.from_name_or_path(preset).to_dict(), **overrides})
@@ -148,8 +173,12 @@ def variant(name: str) -> Strategy:
 
 def run_strategy(name: str, args, runtime, data: TokenData, record: dict, flush) -> None:
     strategy = variant(name)
-    strategy.validate(runtime.world_size, torch.cuda.is_available())
-    plan = BatchPlan(GLOBAL_BATCH, MICRO_BATCH, runtime.world_size)
+    strategy.validate(runtime.world_size)
+    dims = strategy.parallel_dims(runtime.world_size)
+    if dims != runtime.dims and runtime.mesh is not None:  # each strategy on its own mesh, as in `train`
+        mesh, dp_mesh = dims.build_mesh(runtime.device.type)
+        runtime = dataclasses.replace(runtime, dims=dims, mesh=mesh, dp_mesh=dp_mesh)
+    plan = BatchPlan(GLOBAL_BATCH, MICRO_BATCH, runtime.dp_size)
     engine = build_engine(
         make_model(),
         strategy,
@@ -174,17 +203,14 @@ def run_strategy(name: str, args, runtime, data: TokenData, record: dict, flush)
             os.kill(os.getpid(), signal.SIGKILL)
         micros = [
             collate(data[m])
-            for m in rank_micro_batches(global_batch_indices(len(data), plan, SEED, step), plan, runtime.rank)
+            for m in rank_micro_batches(
+                global_batch_indices(len(data), plan, SEED, step), plan, runtime.dp_rank
+            )
         ]
-        n_global = runtime.all_reduce_sum(torch.tensor(sum(count_target_tokens(b) for b in micros)))
-        total = torch.zeros((), dtype=torch.float64)
-        for i, batch in enumerate(micros):
-            with engine.sync_gradients(i == len(micros) - 1):
-                batch = {k: v.to(runtime.device) for k, v in batch.items()}
-                loss = engine.model(**batch, num_items_in_batch=n_global.to(runtime.device)).loss
-                engine.backward(loss * runtime.world_size)
-            total += loss.detach().double().cpu()
-        record["losses"].append(float(runtime.all_reduce_sum(total)))
+        local = torch.tensor(sum(count_target_tokens(b) for b in micros))
+        n_global = int(runtime.all_reduce_sum(local, "dp"))
+        total = engine.forward_backward(micros, n_global).double().cpu()
+        record["losses"].append(float(runtime.all_reduce_sum(total, "dp")))
         record["grad_norms"].append(engine.step(MAX_GRAD_NORM))
         record["lrs"].append(engine.current_lr())
         flush()

@@ -1,4 +1,4 @@
-"""Checkpoint mechanics in one process: atomic save, completion marker, latest, RNG, DCP <-> LocalEngine, export."""
+"""Checkpoint mechanics in one process: atomic save, completion marker, latest, RNG, DCP <-> local format, export."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from overdrive.core.runtime import Runtime
 from overdrive.errors import UsageError
 from overdrive.parallel import Strategy, build_engine
 from overdrive.parallel.checkpoint import (
@@ -20,8 +21,7 @@ from overdrive.parallel.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from overdrive.parallel.ddp import TorchDistEngine
-from overdrive.train.engine import Runtime
+from overdrive.parallel.engine import TorchEngine
 
 
 def tiny_model(seed: int = 0):
@@ -58,12 +58,13 @@ def local_engine(seed: int = 0):
     return build_engine(tiny_model(seed), Strategy(), Runtime(), make_optimizer, make_scheduler, 1.0, "fp32")
 
 
-class DCPEngine(TorchDistEngine):
-    """The torch engines' DCP checkpoint code without a process group (what FSDP/DDP write, in one process)."""
+class DCPEngine(TorchEngine):
+    """TorchEngine's DCP checkpoint code without a process group (what FSDP/DDP write, in one process)."""
 
     def __init__(self, seed: int = 0) -> None:
         model = tiny_model(seed)
         super().__init__(model, model, Runtime(), Strategy(), make_optimizer, make_scheduler)
+        self.checkpoint_format = "dcp"
 
 
 def params_equal(a, b) -> bool:
@@ -75,13 +76,13 @@ def test_save_is_atomic_and_marked_complete(tmp_path: Path) -> None:
     train_steps(engine)
     path = save_checkpoint(engine, tmp_path / "checkpoint-2", extra={"step": 2, "data": [1, 2]})
     meta = read_meta(path)
-    assert meta["format"] == "local" and meta["world_size"] == 1 and meta["engine"] == "LocalEngine"
+    assert meta["format"] == "local" and meta["world_size"] == 1 and meta["engine"] == "TorchEngine"
     assert json.loads((path / "extra" / "rank_0.json").read_text()) == {"step": 2, "data": [1, 2]}
     assert (path / "hf" / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]  # no temporary directory left
 
 
-class CrashingEngine(TorchDistEngine):
+class CrashingEngine(TorchEngine):
     def save_checkpoint(self, directory: Path) -> None:
         (Path(directory) / "half-written.bin").write_bytes(b"x")
         raise RuntimeError("disk full")
@@ -153,7 +154,7 @@ def test_dcp_checkpoint_resumes_in_local_engine(tmp_path: Path) -> None:
 
 def test_local_checkpoint_cannot_load_into_dcp_engine(tmp_path: Path) -> None:
     save_checkpoint(local_engine(), tmp_path / "ck")
-    with pytest.raises(UsageError, match="written by LocalEngine"):
+    with pytest.raises(UsageError, match=r"written by TorchEngine \(local format\)"):
         load_checkpoint(DCPEngine(), tmp_path / "ck")
 
 
@@ -199,7 +200,7 @@ def test_rng_state_round_trips_through_json() -> None:
 
 
 def test_activation_checkpointing_keeps_names_and_numerics() -> None:
-    from overdrive.parallel import apply_activation_checkpointing
+    from overdrive.parallel.recompute import apply_activation_checkpointing
 
     plain, wrapped = tiny_model(), tiny_model()
     assert apply_activation_checkpointing(wrapped, every=2) == 1

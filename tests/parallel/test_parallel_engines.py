@@ -1,4 +1,4 @@
-"""Every strategy on real engines, 2 gloo processes under torchrun, against the single-process LocalEngine.
+"""Every strategy on real engines, 2 gloo processes under torchrun, against the single-process engine.
 
 A tiny Llama (hidden 64, 2 layers, vocab 256) trains 10 steps on synthetic tokens with global batch 8 and micro
 batch 2 (accumulation 2 per rank on 2 ranks, 4 on one process). Losses and pre-clip grad norms must match the
@@ -60,10 +60,10 @@ RESUMED = ["ddp", "zero2", "hsdp", "fsdp-offload"] + (
 )
 
 EXPECTED_FACTS: dict[str, dict] = {
-    "ddp": {"engine": "DDPEngine", "wrapper": "DistributedDataParallel", "checkpointed_layers": 0},
-    "ddp-ac": {"engine": "DDPEngine", "wrapper": "DistributedDataParallel", "checkpointed_layers": 2},
+    "ddp": {"engine": "TorchEngine", "wrapper": "DistributedDataParallel", "checkpointed_layers": 0},
+    "ddp-ac": {"engine": "TorchEngine", "wrapper": "DistributedDataParallel", "checkpointed_layers": 2},
     "fsdp": {
-        "engine": "FSDPEngine",
+        "engine": "TorchEngine",
         "all_dtensor": True,
         "mesh_shape": [2],
         "placements": ["S(0)"],

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from overdrive.core.runtime import Runtime
 from overdrive.parallel import distributed
 from overdrive.parallel.distributed import EXIT_PEER_LOST, guard, is_peer_failure
-from overdrive.train.engine import Runtime
 
 # Messages gloo raised in torch 2.13 when the peer was SIGKILLed or SIGSTOPped (tests/parallel/_peer_loss.py)
 GLOO_KILLED = (

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from overdrive.errors import UsageError
-from overdrive.parallel import PRESETS, TRANSFORM_ORDER, Strategy
+from overdrive.parallel import PRESETS, Strategy
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
@@ -21,7 +21,7 @@ def test_presets_load_round_trip_and_validate(name: str) -> None:
     if strategy.engine == "deepspeed" and not HAS_DEEPSPEED:
         pytest.skip("DeepSpeed not installed")
     world = 1 if name == "single" else 2
-    strategy.validate(world, cuda_available=False)
+    strategy.validate(world)
 
 
 def test_presets_mean_what_their_names_say() -> None:
@@ -90,9 +90,9 @@ INVALID = [
     (_s(engine="torch", zero_stage=2, data_parallel="ddp"), 2, "zero_stage applies to engine: deepspeed"),
     (_s(engine="deepspeed", data_parallel="ddp", zero_stage=4), 2, "zero_stage must be 0, 1, 2 or 3"),
     (_s(engine="deepspeed", data_parallel="fsdp", zero_stage=3), 2, "set data_parallel: ddp"),
-    (_s(), 2, "data_parallel: none runs one process but the world size is 2"),
+    (_s(), 2, "data_parallel: none runs one data-parallel rank but 2 ranks were launched"),
     (_s(data_parallel="hsdp"), 4, "hsdp needs shard_size"),
-    (_s(data_parallel="hsdp", shard_size=3), 4, "hsdp shard_size 3 must divide the world size 4"),
+    (_s(data_parallel="hsdp", shard_size=3), 4, "hsdp shard_size 3 must divide the data-parallel size 4"),
     (_s(data_parallel="fsdp", shard_size=2), 4, "shard_size applies to data_parallel: hsdp only"),
     (_s(data_parallel="ddp", reshard_after_forward=False), 2, "reshard_after_forward: false"),
     (
@@ -129,7 +129,7 @@ def test_validation_names_problem_and_fix(strategy: Strategy, world: int, messag
     if strategy.engine == "deepspeed" and not HAS_DEEPSPEED:
         pytest.skip("DeepSpeed not installed")
     with pytest.raises(UsageError, match=message) as info:
-        strategy.validate(world, cuda_available=False)
+        strategy.validate(world)
     assert "\n" not in str(info.value) and str(info.value).startswith("strategy: ")
 
 
@@ -139,7 +139,7 @@ def test_missing_deepspeed_says_how_to_install(monkeypatch) -> None:
         importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
     )
     with pytest.raises(UsageError, match=r"pip install 'overdrive\[deepspeed\]'"):
-        Strategy.from_name_or_path("deepspeed-zero2").validate(2, cuda_available=True)
+        Strategy.from_name_or_path("deepspeed-zero2").validate(2)
 
 
 # Each valid combination next to its nearest invalid neighbour: validate draws the line exactly there.
@@ -151,7 +151,10 @@ BOUNDARIES = [
         (_s(data_parallel="ddp", param_dtype="bf16"), 8, "param_dtype bf16 needs fsdp/hsdp"),
     ),
     ((_s(data_parallel="ddp", reduce_dtype="bf16"), 2), (_s(reduce_dtype="bf16"), 1, "reduce_dtype applies")),
-    ((_s(data_parallel="fsdp"), 1), (_s(), 2, "data_parallel: none runs one process")),  # FSDP on 1 process
+    (
+        (_s(data_parallel="fsdp"), 1),
+        (_s(), 2, "data_parallel: none runs one data-parallel rank"),
+    ),  # FSDP on 1 process
     (
         (_s(data_parallel="fsdp", offload="optimizer+params"), 2),
         (_s(data_parallel="fsdp", offload="optimizer"), 2, "FSDP2 offloads parameters"),
@@ -168,11 +171,11 @@ def test_validation_accepts_valid_combinations_and_rejects_their_neighbours(
     valid: tuple, invalid: tuple
 ) -> None:
     strategy, world = valid
-    assert strategy.validate(world, cuda_available=False, global_batch_size=8 * world) is None
+    assert strategy.validate(world, global_batch_size=8 * world) is None
     assert strategy.resolve_batch(8 * world, world) == (8, 1)  # and it splits a global batch over the world
     neighbour, world, message = invalid
     with pytest.raises(UsageError, match=message):
-        neighbour.validate(world, cuda_available=False)
+        neighbour.validate(world)
 
 
 def test_resolve_batch() -> None:
@@ -180,12 +183,12 @@ def test_resolve_batch() -> None:
     assert Strategy(data_parallel="ddp").resolve_batch(8, 2, micro_batch_size=2) == (2, 2)
     assert Strategy(micro_batch_size=4).resolve_batch(8, 2, micro_batch_size=1) == (4, 1)  # strategy wins
     assert Strategy(grad_accumulation=2).resolve_batch(8, 2) == (2, 2)
-    with pytest.raises(UsageError, match="not divisible by micro batch size 3"):
+    with pytest.raises(UsageError, match="must be a multiple of --micro-batch-size 3"):
         Strategy().resolve_batch(8, 2, micro_batch_size=3)
     with pytest.raises(UsageError, match="drop grad_accumulation"):
         Strategy(micro_batch_size=2, grad_accumulation=3).resolve_batch(8, 2)
-    with pytest.raises(UsageError, match="not divisible by world size 3"):
-        Strategy(data_parallel="ddp").validate(3, cuda_available=False, global_batch_size=8)
+    with pytest.raises(UsageError, match="must be a multiple of the 3 data-parallel ranks"):
+        Strategy(data_parallel="ddp").validate(3, global_batch_size=8)
 
 
 def test_rescale_keeps_global_batch() -> None:
@@ -221,66 +224,71 @@ def test_describe_is_one_line() -> None:
     assert Strategy.from_name_or_path("deepspeed-zero3").describe() == "deepspeed ZeRO-3"
 
 
-def test_transforms_run_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kernels, then recompute (wraps the patched layers), then compile (traces the recompute); only those on."""
+def test_parallelize_runs_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels, tensor parallel, recompute, compile, data parallel; only the steps switched on."""
+    import overdrive.kernels.compile as compile_module
     import overdrive.parallel as parallel
+    import overdrive.parallel.data as data
+    import overdrive.parallel.recompute as recompute
+    import overdrive.parallel.tensor as tensor
 
     calls: list[tuple] = []
-    monkeypatch.setattr(parallel, "_apply_kernels", lambda model: calls.append(("kernels", model)))
-    monkeypatch.setattr(
-        parallel, "apply_activation_checkpointing", lambda model, every: calls.append(("ac", model, every))
-    )
-    monkeypatch.setattr(parallel, "apply_compile", lambda model: calls.append(("compile", model)))
     model = object()
-    everything = Strategy(kernels=True, activation_checkpointing="every_k", ac_every=2, compile=True)
-    assert parallel.apply_transforms(model, everything) == ["kernels", "activation_checkpointing", "compile"]
-    assert calls == [("kernels", model), ("ac", model, 2), ("compile", model)]
-    assert [
-        step for step in TRANSFORM_ORDER if step in ("kernels", "activation_checkpointing", "compile")
-    ] == [
-        "kernels",
-        "activation_checkpointing",
-        "compile",
-    ]
+    monkeypatch.setattr(parallel, "apply_kernels", lambda m, s: calls.append(("kernels", m)))
+    monkeypatch.setattr(tensor, "apply_tensor_parallel", lambda m, mesh, **kw: calls.append(("tp", m)) or [])
+    monkeypatch.setattr(
+        recompute, "apply_activation_checkpointing", lambda m, every: calls.append(("ac", every))
+    )
+    monkeypatch.setattr(compile_module, "compile_regions", lambda m: calls.append(("compile", m)))
+    monkeypatch.setattr(data, "apply_data_parallel", lambda m, s, r: calls.append(("dp", m)) or (m, None))
+    runtime = SimpleNamespace(mesh={"tp": "tp-mesh"}, rank=0)
+    everything = Strategy(
+        kernels=True, activation_checkpointing="every_k", ac_every=2, compile=True, data_parallel="fsdp",
+    )  # fmt: skip
+    result = parallel.parallelize(model, everything, runtime)
+    assert [c[0] for c in calls] == ["kernels", "ac", "compile", "dp"] and ("ac", 2) in calls
     calls.clear()
-    assert parallel.apply_transforms(model, Strategy(activation_checkpointing="full")) == [
+    with_tp = Strategy(kernels=True, compile=True, data_parallel="fsdp", tensor_parallel=2)
+    assert parallel.parallelize(model, with_tp, runtime).applied == [
+        "kernels", "tensor_parallel", "compile", "data_parallel",
+    ]  # fmt: skip
+    assert [c[0] for c in calls] == ["kernels", "tp", "compile", "dp"]
+    calls.clear()
+    # recomputed tensor-parallel blocks are not compiled (dynamo runs them eagerly): skipped, with a note
+    tp_ac = Strategy(compile=True, data_parallel="fsdp", tensor_parallel=2, activation_checkpointing="full")
+    result = parallel.parallelize(model, tp_ac, runtime)
+    assert [c[0] for c in calls] == ["tp", "ac", "dp"] and "compile skipped" in result.notes[0]
+    assert list(parallel.PARALLELIZE_ORDER) == [
+        "kernels", "tensor_parallel", "activation_checkpointing", "compile", "data_parallel",
+    ]  # fmt: skip
+    calls.clear()
+    assert parallel.parallelize(model, Strategy(activation_checkpointing="full"), runtime).applied == [
         "activation_checkpointing"
     ]
-    assert calls == [("ac", model, 1)]
+    assert calls == [("ac", 1), ("dp", model)]
     calls.clear()
-    assert parallel.apply_transforms(model, Strategy()) == [] and calls == []
+    assert parallel.parallelize(model, Strategy(), runtime).applied == [] and calls == [("dp", model)]
 
 
-@pytest.mark.parametrize(
-    ("preset", "engine_path"),
-    [
-        ("single", "overdrive.train.engine.LocalEngine"),
-        ("ddp", "overdrive.parallel.ddp.DDPEngine"),
-        ("fsdp", "overdrive.parallel.fsdp.FSDPEngine"),
-    ],
-)
-def test_data_parallelism_wraps_the_transformed_model_last(preset, engine_path, monkeypatch) -> None:
-    import importlib
-
+@pytest.mark.parametrize("preset", ["single", "ddp", "fsdp"])
+def test_data_parallelism_wraps_the_transformed_model_last(preset, monkeypatch) -> None:
     import overdrive.parallel as parallel
+    import overdrive.parallel.data as data
+    import overdrive.parallel.engine as engine_module
 
     events: list[str] = []
-    monkeypatch.setattr(parallel, "apply_transforms", lambda model, strategy: events.append("transforms"))
-    module, name = engine_path.rsplit(".", 1)
+    monkeypatch.setattr(parallel, "apply_kernels", lambda m, s: events.append("kernels"))
+    monkeypatch.setattr(data, "apply_data_parallel", lambda m, s, r: events.append("dp") or (m, None))
 
     class RecordingEngine:
         def __init__(self, *args, **kwargs) -> None:
-            events.append(name)
+            events.append("engine")
 
-    monkeypatch.setattr(importlib.import_module(module), name, RecordingEngine)
-
-    class Model:
-        def to(self, device):
-            return self
-
-    runtime = SimpleNamespace(device="cpu")
-    engine = parallel.build_engine(Model(), Strategy.from_name_or_path(preset), runtime, None, None, 1.0)
-    assert isinstance(engine, RecordingEngine) and events == ["transforms", name]
+    monkeypatch.setattr(engine_module, "TorchEngine", RecordingEngine)
+    strategy = Strategy.from_name_or_path(preset)
+    strategy.kernels = True
+    engine = parallel.build_engine(object(), strategy, SimpleNamespace(mesh=None, rank=0), None, None, 1.0)
+    assert isinstance(engine, RecordingEngine) and events == ["kernels", "dp", "engine"]
 
 
 def test_deepspeed_config_is_generated_from_the_strategy() -> None:

@@ -8,7 +8,7 @@ W processes see exactly the same samples at every step, and loss curves are comp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +31,6 @@ class BatchPlan:
     @property
     def accumulation_steps(self) -> int:
         return self.per_rank // self.micro_batch_size
-
-    def check(self) -> str | None:
-        """Return why the plan is invalid, or None."""
-        if self.global_batch_size % (self.micro_batch_size * self.world_size):
-            return (
-                f"global batch size {self.global_batch_size} is not divisible by micro batch size "
-                f"{self.micro_batch_size} × world size {self.world_size}; choose a global batch size that is a "
-                f"multiple of {self.micro_batch_size * self.world_size}"
-            )
-        return None
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -77,10 +67,3 @@ def collate(columns: dict[str, Sequence[Sequence[int]]]) -> dict[str, torch.Tens
 def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that contribute to the loss: labels are shifted inside the model, so the first is never a target."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def iterate_micro_batches(dataset, plan: BatchPlan, seed: int, step: int, rank: int) -> Iterator[dict]:
-    """Collated micro-batches of this rank for global step `step`."""
-    indices = global_batch_indices(len(dataset), plan, seed, step)
-    for micro in rank_micro_batches(indices, plan, rank):
-        yield collate(dataset[micro])

@@ -13,7 +13,7 @@ from overdrive.kernels.attention import (
     register_varlen_attention,
     varlen_sdpa_attention,
 )
-from overdrive.kernels.compile import compile_model, compile_regions, find_decoder_layers
+from overdrive.kernels.compile import compile_model, compile_regions
 from overdrive.kernels.fused_linear_cross_entropy import (
     FusedLinearCrossEntropyLoss,
     fused_causal_lm_loss,
@@ -31,7 +31,6 @@ __all__ = [
     "compile_regions",
     "cu_seqlens_from_position_ids",
     "document_ids_from_position_ids",
-    "find_decoder_layers",
     "flash_varlen_kwargs",
     "fused_causal_lm_loss",
     "fused_linear_cross_entropy",

@@ -15,40 +15,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["compile_model", "compile_regions", "find_decoder_layers"]
+from overdrive.core.layers import decoder_layers
 
-_KNOWN_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
-
-
-def _get_path(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """The ModuleList of repeated decoder blocks, found generically.
-
-    Tries the usual attribute paths (``model.layers`` for Llama-likes), then falls back to the
-    homogeneous ModuleList holding the most parameters (works through PEFT/DDP wrappers).
-    """
-    for path in _KNOWN_PATHS:
-        found = _get_path(model, path)
-        if isinstance(found, nn.ModuleList) and len(found) > 0:
-            return found
-    best: nn.ModuleList | None = None
-    best_params = 0
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        n = sum(p.numel() for p in module.parameters())
-        if n > best_params:
-            best, best_params = module, n
-    return best
+__all__ = ["compile_model", "compile_regions"]
 
 
 def compile_regions(model: nn.Module, **compile_kwargs: Any) -> int:
@@ -57,8 +26,8 @@ def compile_regions(model: nn.Module, **compile_kwargs: Any) -> int:
     ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``dynamic``, ``backend``, ``fullgraph``...).
     Already-compiled blocks are skipped, so calling this twice is harmless.
     """
-    layers = find_decoder_layers(model)
-    if layers is None:
+    layers = decoder_layers(model)
+    if not layers:
         warnings.warn(
             f"overdrive: no decoder-layer ModuleList found in {type(model).__name__}; nothing compiled.",
             stacklevel=2,

@@ -1,19 +1,23 @@
-"""Distributed strategies on real engines: DDP, FSDP2 (ZeRO-2/3, HSDP, offload) and DeepSpeed ZeRO 0-3.
+"""Strategies on real engines: DDP, FSDP2 (ZeRO-2/3, HSDP, offload), tensor parallelism, DeepSpeed ZeRO 0-3.
 
 Entry points for the training loop:
 
-    strategy = Strategy.from_name_or_path("fsdp")          # preset name or YAML file
-    runtime = init_runtime(strategy)                        # validates, then starts the process group
+    strategy = Strategy.from_name_or_path("fsdp-tp")        # preset name or YAML file
+    runtime = init_runtime(strategy)                        # validates, starts the process group and mesh
     engine = build_engine(model, strategy, runtime, make_optimizer, make_scheduler, max_grad_norm, precision)
     save_checkpoint(engine, path, extra) / load_checkpoint(engine, path) / export_hf(path, out)
     shutdown()
 
-`build_engine` applies the model transforms in one fixed order (see TRANSFORM_ORDER) and then wraps the
-model in the engine the strategy names. Importing this package does not import torch.
+`parallelize` applies the model transforms in one fixed order (PARALLELIZE_ORDER); `build_engine` hands the
+result to TorchEngine, or the unparallelized model to DeepSpeed, which owns its own wrapper. Importing this
+package does not import torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from overdrive.errors import UsageError
@@ -22,34 +26,39 @@ from overdrive.parallel.strategy import PRESETS, Strategy
 if TYPE_CHECKING:
     from torch import nn
 
-    from overdrive.train.engine import OptimizerFactory, Runtime, SchedulerFactory, TrainEngine
+    from overdrive.core.engine import OptimizerFactory, SchedulerFactory, TrainEngine
+    from overdrive.core.runtime import Runtime
 
 __all__ = [
+    "PARALLELIZE_ORDER",
     "PRESETS",
-    "TRANSFORM_ORDER",
     "Strategy",
-    "apply_transforms",
+    "WeightFill",
     "build_engine",
     "export_hf",
     "init_runtime",
     "latest_checkpoint",
     "load_checkpoint",
+    "parallelize",
     "save_checkpoint",
     "shutdown",
 ]
 
-# Why this order: kernels replace modules, so they come first; recompute wraps whole decoder layers and must
-# see the final layer code; compile traces the layer including its recompute; tensor/pipeline parallelism
-# (not implemented yet) would re-shape the compiled layers; data parallelism (DDP/FSDP/DeepSpeed) wraps last
-# because it owns parameter storage and its hooks must run around everything else.
-TRANSFORM_ORDER: tuple[str, ...] = (
+# Why this order: kernels replace module classes, so everything after sees the final layer code; tensor
+# parallelism turns weights into DTensors and must see plain modules; recompute wraps whole (parallel) layers;
+# compile traces the layer including its recompute; data parallelism (DDP/FSDP2) wraps last because it owns
+# parameter storage (FSDP2 shards the tensor-parallel DTensors again) and its hooks run around everything.
+PARALLELIZE_ORDER: tuple[str, ...] = (
     "kernels",
+    "tensor_parallel",
     "activation_checkpointing",
     "compile",
-    "tensor_parallel",
-    "pipeline_parallel",
     "data_parallel",
 )
+
+# Fills a parallelized meta model's local shards (overdrive.parallel.materialize): after FSDP2 shards it, before
+# DDP or DeepSpeed wrap it (they need real tensors).
+WeightFill = Callable[["nn.Module"], None]
 
 _LAZY = {
     "init_runtime": "overdrive.parallel.distributed",
@@ -72,64 +81,85 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'overdrive.parallel' has no attribute {name!r}")
 
 
-def apply_transforms(model: nn.Module, strategy: Strategy) -> list[str]:
-    """Apply the single-model transforms of TRANSFORM_ORDER (everything before data parallelism) in place.
+def parallelize(
+    model: nn.Module, strategy: Strategy, runtime: Runtime, fill: WeightFill | None = None
+) -> Parallelized:
+    """Apply PARALLELIZE_ORDER to `model` in place; every step is one small function in its own module.
 
-    Returns the names of the steps applied, in order, for logs and tests.
+    `model` may be on the meta device: `fill` then allocates and fills its local shards, after FSDP2 has
+    sharded it (each rank allocates only its shards) or before DDP wraps it.
     """
-    applied: list[str] = []
-    for step in TRANSFORM_ORDER:
-        if step == "kernels" and strategy.kernels:
-            _apply_kernels(model)
-        elif step == "activation_checkpointing" and strategy.activation_checkpointing != "none":
-            every = strategy.ac_every if strategy.activation_checkpointing == "every_k" else 1
-            apply_activation_checkpointing(model, every)
-        elif step == "compile" and strategy.compile:
-            apply_compile(model)
-        else:
-            continue
-        applied.append(step)
-    return applied
+    from overdrive.parallel.data import apply_data_parallel
+
+    result = Parallelized(module=model)
+    if strategy.kernels:
+        apply_kernels(model, strategy)
+        result.applied.append("kernels")
+    if strategy.tensor_parallel != 1:
+        from overdrive.parallel.tensor import apply_tensor_parallel, tp_loss_context
+
+        assert runtime.mesh is not None, "tensor parallelism needs the device mesh (init_runtime builds it)"
+        result.notes += apply_tensor_parallel(
+            model, runtime.mesh["tp"], sequence_parallel=strategy.sequence_parallel
+        )
+        result.loss_context = lambda: tp_loss_context(model)
+        result.applied.append("tensor_parallel")
+    if strategy.activation_checkpointing != "none":
+        from overdrive.parallel.recompute import apply_activation_checkpointing
+
+        every = strategy.ac_every if strategy.activation_checkpointing == "every_k" else 1
+        apply_activation_checkpointing(model, every)
+        result.applied.append("activation_checkpointing")
+    skip_compile = None
+    if strategy.compile and strategy.tensor_parallel != 1:
+        from overdrive.parallel.tensor import compile_compatible_with_tp
+
+        skip_compile = compile_compatible_with_tp(strategy.activation_checkpointing != "none")
+        if skip_compile:
+            result.notes.append(f"compile skipped: {skip_compile}")
+    if strategy.compile and not skip_compile:
+        from overdrive.kernels.compile import compile_regions
+
+        compile_regions(model)
+        result.applied.append("compile")
+    sharded = strategy.data_parallel in ("fsdp", "hsdp")
+    if fill is not None and not sharded:
+        fill(model)
+    result.wrapper, result.gradient_sync = apply_data_parallel(model, strategy, runtime)
+    if fill is not None and sharded:
+        fill(model)
+    if strategy.data_parallel != "none":
+        result.applied.append("data_parallel")
+    if runtime.rank == 0:
+        for note in result.notes:
+            print(f"overdrive: note: {note}", file=sys.stderr)
+    return result
 
 
-def _apply_kernels(model: nn.Module) -> None:
+class Parallelized:
+    """What `parallelize` produced: the module the loop calls, the HF module, and the hooks the engine needs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.wrapper: nn.Module = module
+        self.gradient_sync: Any = None
+        self.loss_context: Any = None
+        self.applied: list[str] = []
+        self.notes: list[str] = []
+
+
+def apply_kernels(model: nn.Module, strategy: Strategy) -> None:
+    """overdrive's fused kernels; under tensor parallelism only those that are exact on DTensor shards."""
     try:
         from overdrive.patches import patch_model
     except ImportError as exc:
         raise UsageError(f"strategy kernels: true but overdrive's kernels are unavailable ({exc})") from None
-    patch_model(model)
+    features: dict[str, bool] = {}
+    if strategy.tensor_parallel != 1:
+        from overdrive.parallel.tensor import kernels_compatible_with_tp
 
-
-def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> int:
-    """Recompute decoder layers 0, every, 2*every... in backward instead of storing their activations.
-
-    The layer's `forward` is replaced on the instance (non-reentrant torch checkpoint), so parameter names,
-    state dicts and FSDP/DeepSpeed hooks on `__call__` are unchanged. Returns the number of layers wrapped.
-    """
-    import functools
-
-    import torch.utils.checkpoint
-
-    from overdrive.parallel.distributed import decoder_layers
-
-    def checkpointed(inner: Any, *args: Any, **kwargs: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    count = 0
-    for index, layer in enumerate(decoder_layers(model)):
-        if index % every == 0:
-            layer.forward = functools.partial(checkpointed, layer.forward)
-            count += 1
-    if count and hasattr(model, "config"):
-        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recompute
-    return count
-
-
-def apply_compile(model: nn.Module) -> int:
-    """torch.compile each decoder layer in place (regional compile; parameter names unchanged)."""
-    from overdrive.kernels.compile import compile_regions
-
-    return compile_regions(model)
+        features = {name: reason is None for name, reason in kernels_compatible_with_tp().items()}
+    patch_model(model, **features)
 
 
 def build_engine(
@@ -143,21 +173,27 @@ def build_engine(
     *,
     micro_batch_size: int | None = None,
     grad_scaler: Any = None,
+    fill: WeightFill | None = None,
 ) -> TrainEngine:
-    """Transform `model` (TRANSFORM_ORDER) and wrap it in the engine of `strategy`.
+    """Parallelize `model` for `strategy` and put it behind the engine protocol.
 
     `precision` is the loop's autocast setting (fp32/bf16/fp16); the strategy's param_dtype/reduce_dtype are
     the engine-level precision (FSDP2 MixedPrecisionPolicy, DeepSpeed bf16). fp16 needs a grad scaler and is
     supported with single and ddp only. `micro_batch_size` feeds DeepSpeed's batch bookkeeping.
     """
-    from overdrive.train.engine import LocalEngine
-
-    if precision == "fp16" and (strategy.engine == "deepspeed" or strategy.data_parallel in ("fsdp", "hsdp")):
-        raise UsageError("precision fp16 is supported with single and ddp only; use bf16 with fsdp/deepspeed")
-    apply_transforms(model, strategy)
+    if precision == "fp16" and (
+        strategy.engine == "deepspeed"
+        or strategy.data_parallel in ("fsdp", "hsdp")
+        or strategy.tensor_parallel != 1
+    ):
+        raise UsageError(
+            "precision fp16 is supported with single and ddp only; use bf16 with fsdp/tp/deepspeed"
+        )
     if strategy.engine == "deepspeed":
         from overdrive.parallel.deepspeed_engine import DeepSpeedEngine
 
+        # DeepSpeed owns its wrapper: the transforms before data parallelism run here, DeepSpeed does the rest.
+        parallelize(model, dataclasses.replace(strategy, data_parallel="none"), runtime, fill)
         return DeepSpeedEngine(
             model,
             runtime,
@@ -168,12 +204,18 @@ def build_engine(
             precision,
             micro_batch_size,
         )
-    if strategy.data_parallel == "ddp":
-        from overdrive.parallel.ddp import DDPEngine
+    from overdrive.parallel.engine import TorchEngine
 
-        return DDPEngine(model, runtime, strategy, make_optimizer, make_scheduler, grad_scaler)
-    if strategy.data_parallel in ("fsdp", "hsdp"):
-        from overdrive.parallel.fsdp import FSDPEngine
-
-        return FSDPEngine(model, runtime, strategy, make_optimizer, make_scheduler)
-    return LocalEngine(model.to(runtime.device), make_optimizer, make_scheduler, runtime, grad_scaler)
+    result = parallelize(model, strategy, runtime, fill)
+    return TorchEngine(
+        result.wrapper,
+        result.module,
+        runtime,
+        strategy,
+        make_optimizer,
+        make_scheduler,
+        precision=precision,
+        gradient_sync=result.gradient_sync,
+        loss_context=result.loss_context,
+        grad_scaler=grad_scaler,
+    )

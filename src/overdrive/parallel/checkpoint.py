@@ -30,16 +30,16 @@ import random
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from overdrive.core.runtime import Runtime
 from overdrive.errors import UsageError
 from overdrive.parallel.safe_dcp import SafeFileSystemReader
-from overdrive.train.engine import Runtime
 
 MARKER = "overdrive-checkpoint.json"
 FORMAT_VERSION = 2  # 2: the marker lists every file with its size
@@ -133,8 +133,6 @@ class ResumeState:
     extra: dict[str, Any]  # this rank's extra state (rank 0's when the world size changed)
     saved_world_size: int
     same_world: bool  # False: per-rank state such as RNG streams does not carry over
-    strategy: dict[str, Any] | None = None  # the strategy the checkpoint was written with
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def engine_format(engine: Any) -> str:
@@ -307,7 +305,7 @@ def load_checkpoint(engine: Any, directory: str | Path) -> ResumeState:
     source = own if same_world and own.is_file() else extra_dir / "rank_0.json"
     extra = json.loads(source.read_text()) if source.is_file() else {}
     runtime.barrier()
-    return ResumeState(extra, meta["world_size"], same_world, meta.get("strategy"), meta)
+    return ResumeState(extra, meta["world_size"], same_world)
 
 
 def _check_deepspeed_compatible(engine: Any, meta: dict[str, Any], path: Path) -> None:

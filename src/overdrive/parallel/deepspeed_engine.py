@@ -5,8 +5,8 @@ identical to the single-process loop:
 
 - DeepSpeed divides every backward by `gradient_accumulation_steps` and averages gradients over ranks. We set
   `gradient_accumulation_steps: 1`, call `backward(loss, scale_wrt_gas=False)`, and mark the accumulation
-  boundary ourselves (`set_gradient_accumulation_boundary`) from the loop's `sync_gradients(enabled)`; the
-  loop's `* world_size` cancels the rank average (see overdrive.parallel.ddp for the contract).
+  boundary ourselves (`set_gradient_accumulation_boundary`) in `forward_backward`; the loss factor of
+  `MicroBatchEngine` (the data-parallel size) cancels the rank average (see overdrive.core.engine).
 - `gradient_clipping` is set to the run's max_grad_norm explicitly (DeepSpeed's default would be 1.0).
 - The run's torch optimizer is used as is (`zero_allow_untested_optimizer`), and the LR scheduler is handed
   to DeepSpeed so that it steps exactly once per optimizer step and lands in DeepSpeed's checkpoints.
@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from overdrive.core.engine import MicroBatchEngine, OptimizerFactory, SchedulerFactory
+from overdrive.core.runtime import Runtime
 from overdrive.parallel.distributed import backend_name, default_timeout_s
 from overdrive.parallel.strategy import Strategy
-from overdrive.train.engine import OptimizerFactory, Runtime, SchedulerFactory
 
 TAG = "overdrive"
 
@@ -63,7 +64,7 @@ def deepspeed_config(
     return config
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(MicroBatchEngine):
     """deepspeed.initialize around the HF model; `model` is DeepSpeed's engine (call it for forward)."""
 
     checkpoint_format = "deepspeed"
@@ -91,6 +92,7 @@ class DeepSpeedEngine:
         )
         self.runtime = runtime
         self.strategy = strategy
+        self.precision = precision
         self.max_grad_norm = float(max_grad_norm)
         self.config = deepspeed_config(
             strategy, runtime.world_size, max_grad_norm, precision, micro_batch_size, cuda

@@ -21,13 +21,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from overdrive.core.dims import ParallelDims
+from overdrive.core.runtime import Runtime
 from overdrive.parallel.launch import SHARED_STORE_ENV
-from overdrive.train.engine import Runtime
 
 if TYPE_CHECKING:
-    from torch import nn
-    from torch.distributed.device_mesh import DeviceMesh
-
     from overdrive.parallel.strategy import Strategy
 
 DEFAULT_TIMEOUT_CPU_S = 60.0
@@ -70,24 +68,36 @@ def default_timeout_s(cuda: bool) -> float:
 
 
 def init_runtime(strategy: Strategy | None = None, timeout_s: float | None = None) -> Runtime:
-    """Validate the strategy for this world, then start the process group it needs and pick the device.
+    """Validate the strategy for this world, then start the process group and the device mesh it needs.
 
-    A data-parallel strategy gets a process group even on one process (FSDP2, DCP and DeepSpeed expect one);
-    without a launcher that group lives in an in-memory store, so no port is opened.
+    A strategy with any parallelism gets a process group even on one process (FSDP2, DTensor, DCP and
+    DeepSpeed expect one); without a launcher that group lives in an in-memory store, so no port is opened.
     """
     env = launch_env()
     cuda = torch.cuda.is_available()
+    dims = ParallelDims()
     if strategy is not None:
-        strategy.validate(env.world_size, cuda)
+        strategy.validate(env.world_size)
+        dims = strategy.parallel_dims(env.world_size)
     if cuda:
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     needs_group = env.world_size > 1 or (strategy is not None and strategy.is_distributed)
+    mesh = dp_mesh = None
     if needs_group:
         start_process_group(env, device, timeout_s)
-    return Runtime(rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, device=device)
+        mesh, dp_mesh = dims.build_mesh(device.type)
+    return Runtime(
+        rank=env.rank,
+        local_rank=env.local_rank,
+        world_size=env.world_size,
+        device=device,
+        dims=dims,
+        mesh=mesh,
+        dp_mesh=dp_mesh,
+    )
 
 
 def start_process_group(env: LaunchEnv, device: torch.device, timeout_s: float | None = None) -> None:
@@ -157,23 +167,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def data_parallel_mesh(strategy: Strategy, runtime: Runtime) -> DeviceMesh:
-    """1-D ("dp_shard",) mesh for FSDP, 2-D ("dp_replicate", "dp_shard") for HSDP."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    world = runtime.world_size
-    if strategy.data_parallel == "hsdp":
-        shard = strategy.shard_size or world
-        return init_device_mesh(
-            runtime.device.type, (world // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard")
-        )
-    return init_device_mesh(runtime.device.type, (world,), mesh_dim_names=("dp_shard",))
-
-
-# torch raises the DistError family (DistBackendError, DistNetworkError, DistStoreError) for store, socket and
-# NCCL failures. gloo's transport errors reach Python as a plain RuntimeError, recognised by these messages
-# (seen in torch 2.x: a killed peer, a hung peer past the timeout). A RuntimeError that merely mentions a
-# timeout is a bug on this rank, not a lost peer, and must keep its traceback.
 PEER_FAILURE_MESSAGES = re.compile(
     "|".join(
         (
@@ -217,25 +210,3 @@ def guard(runtime: Runtime) -> Iterator[None]:
             sys.stdout.flush()
             os._exit(EXIT_PEER_LOST)
         raise
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks of an HF causal LM: the unit of sharding, recompute and compile.
-
-    HF models name their block classes in `_no_split_modules`; when that is missing, the longest ModuleList
-    of same-class modules is taken.
-    """
-    from torch import nn
-
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    if names:
-        found = [m for m in model.modules() if type(m).__name__ in names]
-        if found:
-            return found
-    best: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1:
-                best = list(module)
-    return best

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 
+from overdrive.core.dims import ParallelDims
 from overdrive.errors import UsageError
 
 DataParallel = Literal["none", "ddp", "fsdp", "hsdp"]
@@ -37,6 +38,8 @@ PRESETS: tuple[str, ...] = (
     "deepspeed-zero2",
     "deepspeed-zero3",
     "deepspeed-zero3-offload",
+    "tp",
+    "fsdp-tp",
 )
 
 
@@ -55,11 +58,14 @@ class Strategy:
     param_dtype: Dtype = "fp32"  # dtype of parameters during forward/backward (FSDP2 / DeepSpeed bf16)
     reduce_dtype: Dtype = "fp32"  # dtype gradients are reduced in across ranks
     activation_checkpointing: ActivationCheckpointing = "none"
-    ac_every: int = 1  # with every_k: recompute every k-th decoder layer (1, 1+k, 1+2k... counted from 0)
+    ac_every: int = 1  # with every_k: recompute decoder layers 0, k, 2k, ... (counted from 0)
     compile: bool = False  # torch.compile each decoder layer (in place, parameter names unchanged)
     kernels: bool = False  # swap in overdrive's fused kernels before anything else
     micro_batch_size: int | None = None  # rows per forward pass; None: the run config decides
     grad_accumulation: int | None = None  # micro-batches per rank per step; None: derived from global batch
+    # Ranks per tensor-parallel group (-1: all ranks); data parallelism runs over world / tensor_parallel.
+    tensor_parallel: int = 1
+    sequence_parallel: bool = True  # with tensor parallelism: norms and dropout on sequence shards
 
     # ---------------------------------------------------------------- YAML
 
@@ -129,7 +135,22 @@ class Strategy:
     @property
     def is_distributed(self) -> bool:
         """Whether this strategy needs a process group (even on one rank)."""
-        return self.data_parallel != "none" or self.engine == "deepspeed"
+        return self.data_parallel != "none" or self.engine == "deepspeed" or self.tensor_parallel != 1
+
+    def tp_degree(self, world_size: int) -> int:
+        return world_size if self.tensor_parallel == -1 else self.tensor_parallel
+
+    def parallel_dims(self, world_size: int) -> ParallelDims:
+        """The mesh degrees this strategy gives `world_size` ranks (validated first)."""
+        self.validate(world_size)
+        tp = self.tp_degree(world_size)
+        dp = world_size // tp
+        if self.data_parallel == "hsdp":
+            shard = self.shard_size or dp
+            return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp)
+        if self.data_parallel == "ddp" and self.engine == "torch":
+            return ParallelDims(dp_replicate=dp, tp=tp)
+        return ParallelDims(dp_shard=dp, tp=tp)
 
     def describe(self) -> str:
         """One line for logs: what actually runs."""
@@ -141,6 +162,11 @@ class Strategy:
             parts = [f"{self.data_parallel} ({zero}{shard})"]
         else:
             parts = [self.data_parallel if self.data_parallel != "none" else "single process"]
+        if self.tensor_parallel != 1:
+            degree = "all ranks" if self.tensor_parallel == -1 else str(self.tensor_parallel)
+            parts.append(
+                f"tensor parallel {degree}" + (" + sequence parallel" if self.sequence_parallel else "")
+            )
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
         if self.param_dtype != "fp32" or self.reduce_dtype != "fp32":
@@ -156,30 +182,27 @@ class Strategy:
 
     # ---------------------------------------------------------------- validation
 
-    def validate(self, world_size: int, cuda_available: bool, global_batch_size: int | None = None) -> None:
-        """Raise a one-line UsageError for any combination that cannot run; call before init_process_group.
-
-        `cuda_available` is part of the contract for device-dependent rules; today every valid combination
-        also runs on CPU with gloo (offload is then a no-op for memory but exercises the same code).
-        """
-        fix = _first_problem(self, world_size, cuda_available)
+    def validate(self, world_size: int, global_batch_size: int | None = None) -> None:
+        """Raise a one-line UsageError for any combination that cannot run; call before init_process_group."""
+        fix = _first_problem(self, world_size)
         if fix:
             raise UsageError(f"strategy: {fix}")
         if global_batch_size is not None:
-            self.resolve_batch(global_batch_size, world_size)
+            self.resolve_batch(global_batch_size, world_size // self.tp_degree(world_size))
 
     def resolve_batch(
         self, global_batch_size: int, world_size: int, micro_batch_size: int | None = None
     ) -> tuple[int, int]:
-        """(micro batch, accumulation steps per rank) that multiply to the global batch over `world_size` ranks.
+        """(micro batch, accumulation steps per rank) that multiply to the global batch over `world_size`
+        data-parallel ranks (tensor-parallel ranks share their data-parallel rank's batch).
 
         `micro_batch_size` is the run config's value, used when the strategy does not pin one.
         """
         micro = self.micro_batch_size or micro_batch_size
         if global_batch_size % world_size:
             raise UsageError(
-                f"global batch size {global_batch_size} is not divisible by world size {world_size}; "
-                f"use a multiple of {world_size}"
+                f"--global-batch-size {global_batch_size} must be a multiple of the {world_size} data-parallel "
+                f"ranks; use a multiple of {world_size}"
             )
         per_rank = global_batch_size // world_size
         if micro is None:
@@ -191,9 +214,10 @@ class Strategy:
                 micro = per_rank // accum
             return micro, accum
         if per_rank % micro:
+            ranks = "" if world_size == 1 else f" × {world_size} data-parallel ranks"
             raise UsageError(
-                f"global batch size {global_batch_size} is not divisible by micro batch size {micro} × world "
-                f"size {world_size}; choose a global batch size that is a multiple of {micro * world_size}"
+                f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size {micro}{ranks}; "
+                f"choose a multiple of {micro * world_size}"
             )
         accum = per_rank // micro
         if self.grad_accumulation is not None and self.grad_accumulation != accum:
@@ -240,11 +264,11 @@ class Strategy:
                 f"shard_size to a divisor of {new_world}"
             )
         rescaled = dataclasses.replace(self, **changes)
-        rescaled.validate(new_world, cuda_available=True)
+        rescaled.validate(new_world)
         return rescaled
 
 
-def _first_problem(s: Strategy, world_size: int, cuda_available: bool) -> str | None:
+def _first_problem(s: Strategy, world_size: int) -> str | None:
     """The first reason this strategy cannot run, with its fix, or None. Order: most basic first."""
     if world_size < 1:
         return f"world size must be positive, got {world_size}"
@@ -262,16 +286,21 @@ def _first_problem(s: Strategy, world_size: int, cuda_available: bool) -> str | 
             f"engine deepspeed shards through zero_stage, not data_parallel: {s.data_parallel}; set "
             "data_parallel: ddp"
         )
-    if s.data_parallel == "none" and world_size > 1:
+    tp_problem = _tensor_parallel_problem(s, world_size)
+    if tp_problem:
+        return tp_problem
+    dp_world = world_size // s.tp_degree(world_size)
+    if s.data_parallel == "none" and dp_world > 1:
         return (
-            f"data_parallel: none runs one process but the world size is {world_size}; use a data-parallel "
-            "strategy (ddp, fsdp) or launch one process"
+            f"data_parallel: none runs one data-parallel rank but {world_size} ranks were launched for tensor "
+            f"parallel {s.tp_degree(world_size)}; use a data-parallel strategy (ddp, fsdp), raise "
+            "tensor_parallel, or launch fewer processes"
         )
     if s.data_parallel == "hsdp":
         if not s.shard_size or s.shard_size < 1:
             return "hsdp needs shard_size (ranks per shard group), e.g. the GPUs per node"
-        if world_size % s.shard_size:
-            return f"hsdp shard_size {s.shard_size} must divide the world size {world_size}"
+        if dp_world % s.shard_size:
+            return f"hsdp shard_size {s.shard_size} must divide the data-parallel size {dp_world}"
     elif s.shard_size is not None:
         return f"shard_size applies to data_parallel: hsdp only, not {s.data_parallel}"
     if not s.reshard_after_forward and s.data_parallel not in ("fsdp", "hsdp"):
@@ -303,6 +332,28 @@ def _first_problem(s: Strategy, world_size: int, cuda_available: bool) -> str | 
         value = getattr(s, name)
         if value is not None and value < 1:
             return f"{name} must be positive, got {value}"
+    return None
+
+
+def _tensor_parallel_problem(s: Strategy, world_size: int) -> str | None:
+    """Why the tensor-parallel degree cannot run on `world_size` ranks with this strategy, or None."""
+    if s.tensor_parallel == 1:
+        return None
+    if s.tensor_parallel < 1 and s.tensor_parallel != -1:
+        return f"tensor_parallel must be a positive degree or -1 (all ranks), got {s.tensor_parallel}"
+    if s.engine == "deepspeed":
+        return (
+            "tensor_parallel works with engine torch (FSDP2 or none), not deepspeed; use the fsdp-tp preset"
+        )
+    if s.data_parallel == "ddp":
+        return "tensor_parallel with ddp is not supported; use data_parallel: fsdp (the fsdp-tp preset)"
+    if s.offload != "none":
+        return "offload is not supported with tensor_parallel; drop offload or tensor_parallel"
+    tp = s.tp_degree(world_size)
+    if world_size % tp:
+        return (
+            f"tensor_parallel {tp} must divide the world size {world_size}; launch a multiple of {tp} ranks"
+        )
     return None
 
 

@@ -18,6 +18,10 @@ from transformers.utils import can_return_tuple
 
 from overdrive.kernels.attention import document_starts, flash_varlen_kwargs, uses_varlen_kwargs
 from overdrive.kernels.fused_linear_cross_entropy import fused_causal_lm_loss
+from overdrive.kernels.vocab_parallel_cross_entropy import (
+    is_vocab_parallel_head,
+    vocab_parallel_fused_causal_lm_loss,
+)
 
 FUSED_CE_FLAG = "_overdrive_fused_ce"
 _EXPECTED_PARAMS = (
@@ -63,6 +67,8 @@ def _fused_ce_usable(model: nn.Module, logits_to_keep: Any) -> bool:
         return False  # eval/generation: callers expect logits
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         return False
+    if is_vocab_parallel_head(getattr(model, "lm_head", None)):  # tensor parallel: its own loss_function
+        return model.lm_head.bias is None
     if "_loss_function" in model.__dict__:  # user installed a custom loss: respect it
         return False
     head = getattr(model, "lm_head", None)
@@ -171,7 +177,8 @@ class CausalLMPatch:
             use_cache=use_cache,
             **kwargs,
         )
-        loss = fused_causal_lm_loss(
+        vocab_parallel = is_vocab_parallel_head(self.lm_head)  # type: ignore[attr-defined]
+        loss = (vocab_parallel_fused_causal_lm_loss if vocab_parallel else fused_causal_lm_loss)(
             outputs.last_hidden_state,
             self.lm_head,  # type: ignore[attr-defined]
             labels,

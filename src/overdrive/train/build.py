@@ -9,30 +9,38 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from overdrive.config import TrainConfig
+from overdrive.core.engine import TrainEngine
+from overdrive.core.runtime import Runtime
 from overdrive.data.tokenizer import TOKENIZER_FILES, load_tokenizer, train_bpe
 from overdrive.hub import require_hub
 from overdrive.modeling import (
-    build_from_config,
     check_attn,
     check_pretrained_source,
     load_pretrained,
     preset_config,
 )
-from overdrive.parallel import Strategy
-from overdrive.train.engine import Runtime, TrainEngine
+from overdrive.parallel import Strategy, WeightFill
+from overdrive.parallel.materialize import build_meta_model, load_weights, materialize, meta_reference
 from overdrive.train.optim import make_optimizer, make_scheduler
 
 
-def check_model_source(cfg: TrainConfig) -> None:
-    """Fail on a bad --model / --model-config, or an unreachable hub id, before any data is read."""
+def check_model_source(cfg: TrainConfig, tensor_parallel: int = 1) -> None:
+    """Fail on a bad --model / --model-config, a tensor degree the model cannot be split by, or an
+    unreachable hub id, before any data is read or process group started."""
     if cfg.model:
         check_pretrained_source(cfg.model, cfg.attn_implementation)
+        config = AutoConfig.from_pretrained(cfg.model) if Path(cfg.model).is_dir() else None
     else:
-        preset_config(cfg.model_config or "tiny")
+        config = preset_config(cfg.model_config or "tiny")
+        config.vocab_size = padded_vocab(cfg.vocab_size, tensor_parallel)
         check_attn(cfg.attn_implementation)
+    if config is not None and tensor_parallel > 1:
+        from overdrive.parallel.tensor import check_tensor_parallel
+
+        check_tensor_parallel(config, tensor_parallel)
     if cfg.tokenizer:
         require_hub(cfg.tokenizer, "--tokenizer", cached_files=TOKENIZER_FILES)
     if cfg.dataset:
@@ -65,34 +73,67 @@ def resolve_tokenizer(
     return train_bpe((t for t in train_texts if isinstance(t, str)), cfg.vocab_size)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
+def build_model(
+    cfg: TrainConfig, vocab_size: int, runtime: Runtime
+) -> tuple[PreTrainedModel, WeightFill | None]:
+    """The model on the meta device and the function that fills its local shards once it is parallelized.
+
+    From a config the weights are initialised per module from (seed, module name), so every layout starts
+    from the same full model; a local `--model` directory streams its safetensors into the shards. A hub id,
+    or a tokenizer larger than the checkpoint's vocabulary (the embeddings grow), loads the full model first.
+    """
     if cfg.model:
-        model = load_pretrained(
-            cfg.model, cfg.attn_implementation, cfg.dtype, cfg.trust_remote_code, cfg.cache_dir
+        local = Path(cfg.model).is_dir()
+        config = (
+            AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code) if local else None
         )
-        if model.get_input_embeddings().weight.shape[0] < vocab_size:
-            model.resize_token_embeddings(vocab_size)
-    else:
-        model = build_from_config(
-            preset_config(cfg.model_config or "tiny"), vocab_size, cfg.attn_implementation, cfg.dtype
-        )
-    return model
+        if config is None or config.vocab_size < vocab_size:
+            model = load_pretrained(
+                cfg.model, cfg.attn_implementation, cfg.dtype, cfg.trust_remote_code, cfg.cache_dir
+            )
+            if model.get_input_embeddings().weight.shape[0] < vocab_size:
+                model.resize_token_embeddings(vocab_size)
+            return model, None
+        model = build_meta_model(config, cfg.attn_implementation, cfg.dtype)
+        reference = meta_reference(model)
+        return model, lambda m: load_weights(m, reference, cfg.model, runtime.device)
+    config = preset_config(cfg.model_config or "tiny")
+    vocab_size = padded_vocab(vocab_size, runtime.dims.tp)
+    model = build_meta_model(config, cfg.attn_implementation, cfg.dtype, vocab_size)
+    reference = meta_reference(model)
+    return model, lambda m: materialize(m, reference, seed=cfg.seed, device=runtime.device)
+
+
+def padded_vocab(vocab_size: int, tensor_parallel: int) -> int:
+    """A from-scratch model's vocabulary, rounded up so the embedding splits over the tensor-parallel ranks."""
+    return -(-vocab_size // tensor_parallel) * tensor_parallel
 
 
 def resolve_strategy(cfg: TrainConfig) -> Strategy:
-    """--strategy (preset or YAML), with the run's --activation-checkpointing/--compile/--kernels switched on."""
+    """--strategy (preset or YAML); --[no-]activation-checkpointing, --[no-]compile, --[no-]kernels override it."""
     strategy = Strategy.from_name_or_path(cfg.strategy)
-    if cfg.activation_checkpointing and strategy.activation_checkpointing == "none":
-        strategy.activation_checkpointing = "full"
-    strategy.compile = strategy.compile or cfg.compile
-    strategy.kernels = strategy.kernels or cfg.kernels
+    if cfg.activation_checkpointing is not None:
+        on = strategy.activation_checkpointing if strategy.activation_checkpointing != "none" else "full"
+        strategy.activation_checkpointing = on if cfg.activation_checkpointing else "none"
+        if not cfg.activation_checkpointing:
+            strategy.ac_every = 1
+    if cfg.compile is not None:
+        strategy.compile = cfg.compile
+    if cfg.kernels is not None:
+        strategy.kernels = cfg.kernels
     return strategy
 
 
 def build_engine(
-    model: PreTrainedModel, cfg: TrainConfig, strategy: Strategy, runtime: Runtime, total_steps: int
+    model: PreTrainedModel,
+    cfg: TrainConfig,
+    strategy: Strategy,
+    runtime: Runtime,
+    total_steps: int,
+    micro_batch_size: int,
+    fill: WeightFill | None = None,
 ) -> TrainEngine:
-    """Model transforms in their fixed order (kernels, recompute, compile), then the strategy's engine."""
+    """The model parallelized for the strategy behind the engine protocol, with the run's optimizer."""
     from overdrive.parallel import build_engine as build_parallel_engine
 
     scaler = torch.amp.GradScaler(runtime.device.type) if cfg.precision == "fp16" else None
@@ -104,8 +145,9 @@ def build_engine(
         lambda opt: make_scheduler(opt, cfg, total_steps),
         cfg.max_grad_norm,
         cfg.precision,
-        micro_batch_size=cfg.micro_batch_size,
+        micro_batch_size=micro_batch_size,
         grad_scaler=scaler,
+        fill=fill,
     )
 
 
@@ -133,10 +175,3 @@ def main_process_first(runtime: Runtime) -> Iterator[None]:
     yield
     if runtime.is_main:
         runtime.barrier()
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[None]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from overdrive.core.engine import TrainEngine
 from overdrive.errors import UsageError
 from overdrive.parallel.checkpoint import (
     PREFIX,
@@ -26,7 +27,6 @@ from overdrive.parallel.checkpoint import (
     save_checkpoint,
 )
 from overdrive.parallel.distributed import is_peer_failure
-from overdrive.train.engine import TrainEngine
 
 
 def checkpoints_root(output_dir: Path) -> Path:

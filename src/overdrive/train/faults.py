@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 
-from overdrive.train.engine import Runtime
+from overdrive.core.runtime import Runtime
 
 
 def maybe_fail(step: int, runtime: Runtime) -> None:

@@ -14,35 +14,37 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from overdrive import __version__
 from overdrive.atomic import staged_dir, write_text
 from overdrive.config import TrainConfig
+from overdrive.core.engine import TrainEngine, autocast, local_value
+from overdrive.core.runtime import Runtime
 from overdrive.data.loader import BatchPlan, collate, count_target_tokens
 from overdrive.metrics import device_name, read_metrics
-from overdrive.train.build import autocast
-from overdrive.train.engine import Runtime, TrainEngine
 
 
 @torch.no_grad()
-def evaluate(engine: TrainEngine, rows: Dataset, cfg: TrainConfig, runtime: Runtime) -> dict[str, float]:
-    """Token-weighted mean loss over the validation rows (ranks take interleaved micro-batches)."""
+def evaluate(
+    engine: TrainEngine, rows: Dataset, cfg: TrainConfig, runtime: Runtime, micro_batch_size: int
+) -> dict[str, float]:
+    """Token-weighted mean loss over the validation rows (data-parallel ranks take interleaved batches)."""
     engine.model.eval()
-    m = cfg.eval_batch_size or cfg.micro_batch_size
+    m = cfg.eval_batch_size or micro_batch_size
     starts = list(range(0, len(rows), m))
     if cfg.max_eval_batches:
         starts = starts[: cfg.max_eval_batches]
     total = torch.zeros(2, dtype=torch.float64)
     # Every rank runs the same number of forwards (sharded engines all-gather inside each one); a rank
     # without a batch of its own in the last round repeats batch 0 and counts nothing.
-    rounds = math.ceil(len(starts) / runtime.world_size)
+    rounds = math.ceil(len(starts) / runtime.dp_size)
     for r in range(rounds):
-        i = r * runtime.world_size + runtime.rank
+        i = r * runtime.dp_size + runtime.dp_rank
         own = i < len(starts)
         batch = collate(rows[starts[i if own else 0] : starts[i if own else 0] + m])
         n = count_target_tokens(batch)
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        with autocast(cfg.precision, runtime.device):
-            loss = engine.model(**batch, num_items_in_batch=max(n, 1)).loss
+        with engine.loss_context(), autocast(cfg.precision, runtime.device):
+            loss = local_value(engine.model(**batch, num_items_in_batch=max(n, 1)).loss)
         if own and n > 0:
             total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
-    total = runtime.all_reduce_sum(total)
+    total = runtime.all_reduce_sum(total, "dp")
     engine.model.train()
     mean = float(total[0] / total[1]) if total[1] > 0 else float("nan")
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}

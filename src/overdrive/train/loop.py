@@ -19,6 +19,8 @@ from datasets import Dataset
 
 from overdrive.atomic import write_json, write_text
 from overdrive.config import TrainConfig
+from overdrive.core.engine import TrainEngine
+from overdrive.core.runtime import Runtime
 from overdrive.data.loader import (
     BatchPlan,
     collate,
@@ -39,11 +41,10 @@ from overdrive.metrics import (
 )
 from overdrive.modeling import count_parameters
 from overdrive.parallel import Strategy
-from overdrive.parallel.distributed import guard, init_runtime, shutdown
+from overdrive.parallel.distributed import guard, init_runtime, launch_env, shutdown
 from overdrive.tracking import open_trackers, parse_report_to
 from overdrive.train import checkpoint
 from overdrive.train.build import (
-    autocast,
     build_engine,
     build_model,
     check_model_source,
@@ -53,7 +54,6 @@ from overdrive.train.build import (
     seed_everything,
     share_tokenizer,
 )
-from overdrive.train.engine import Runtime, TrainEngine
 from overdrive.train.faults import maybe_fail
 from overdrive.train.finish import (
     build_summary,
@@ -70,8 +70,10 @@ from overdrive.train.rundir import claim_output_dir, clear_run, plan_output
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run `cfg` on this process (one of `torchrun`'s ranks, or alone) and return the summary (rank 0)."""
     output_dir, resume_from = plan_output(cfg)
-    check_model_source(cfg)
     strategy = resolve_strategy(cfg)
+    world = launch_env().world_size
+    strategy.validate(world)
+    check_model_source(cfg, strategy.tp_degree(world))
     runtime = init_runtime(strategy)  # validates the strategy before any process group starts
     try:
         with guard(runtime), contextlib.ExitStack() as cleanup:
@@ -108,10 +110,8 @@ def run(
     train_rows = first_rows(lm["train"], cfg.max_train_samples)
     if "validation" in lm:
         lm["validation"] = first_rows(lm["validation"], cfg.max_eval_samples)
-    micro_batch_size, _ = strategy.resolve_batch(
-        cfg.global_batch_size, runtime.world_size, cfg.micro_batch_size
-    )
-    plan = BatchPlan(cfg.global_batch_size, micro_batch_size, runtime.world_size)
+    micro_batch_size, _ = strategy.resolve_batch(cfg.global_batch_size, runtime.dp_size, cfg.micro_batch_size)
+    plan = BatchPlan(cfg.global_batch_size, micro_batch_size, runtime.dp_size)
     steps_per_epoch = len(train_rows) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise UsageError(
@@ -121,11 +121,11 @@ def run(
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
     # model and engine
-    model = build_model(cfg, len(tokenizer))
+    model, fill = build_model(cfg, len(tokenizer), runtime)
     n_params, n_compute_params = count_parameters(model)
     mc = model.config
     flops_tok = flops_per_token(n_compute_params, mc.num_hidden_layers, mc.hidden_size, cfg.block_size)
-    engine = build_engine(model, cfg, strategy, runtime, total_steps)
+    engine = build_engine(model, cfg, strategy, runtime, total_steps, micro_batch_size, fill)
 
     # from here on the run writes to disk, holding the output dir until it ends
     cleanup.enter_context(claim_output_dir(cfg, runtime, output_dir, resume_from))
@@ -157,7 +157,8 @@ def run(
     log.info(
         f"model {n_params / 1e6:.1f}M params, {len(train_rows)} train rows of {cfg.block_size} tokens from "
         f"{source}, {total_steps} steps of {cfg.global_batch_size} rows (micro {micro_batch_size} × "
-        f"{plan.accumulation_steps} accumulation × {runtime.world_size} ranks) -> {output_dir}"
+        f"{plan.accumulation_steps} accumulation × {runtime.dp_size} data-parallel ranks; "
+        f"{runtime.dims.describe()}) -> {output_dir}"
     )
 
     peak = peak_tflops(runtime.device)
@@ -165,7 +166,7 @@ def run(
     warmup = 2 if strategy.compile else 1  # first steps pay for compilation and allocator warm-up
     # at the start, not again when resuming a finished run (its final eval follows)
     first_eval = (
-        evaluate(engine, lm["validation"], cfg, runtime)
+        evaluate(engine, lm["validation"], cfg, runtime, micro_batch_size)
         if "validation" in lm and start_step < total_steps
         else None
     )
@@ -180,10 +181,10 @@ def run(
         micro_batches = [
             collate(train_rows[idx])
             for idx in rank_micro_batches(
-                global_batch_indices(len(train_rows), plan, cfg.seed, step), plan, runtime.rank
+                global_batch_indices(len(train_rows), plan, cfg.seed, step), plan, runtime.dp_rank
             )
         ]
-        loss_value, grad_norm, lr = train_step(engine, micro_batches, cfg.precision, cfg.max_grad_norm)
+        loss_value, grad_norm, lr = train_step(engine, micro_batches, cfg.max_grad_norm)
         if not math.isfinite(loss_value):
             kept = checkpoint.list_checkpoints(output_dir)
             raise TrainingDiverged(
@@ -222,7 +223,7 @@ def run(
             log.metrics(record)
             window_tokens, window_seconds = 0, 0.0
         if cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps and "validation" in lm:
-            result = evaluate(engine, lm["validation"], cfg, runtime)
+            result = evaluate(engine, lm["validation"], cfg, runtime, micro_batch_size)
             if writer:
                 writer.write({"step": done, **result})
             log.info(
@@ -241,7 +242,9 @@ def run(
     log.close()
     wall = time.perf_counter() - started
 
-    final_eval = evaluate(engine, lm["validation"], cfg, runtime) if "validation" in lm else None
+    final_eval = (
+        evaluate(engine, lm["validation"], cfg, runtime, micro_batch_size) if "validation" in lm else None
+    )
     if final_eval and writer:
         writer.write({"step": total_steps, **final_eval})
     if cfg.save_steps and start_step < total_steps:
@@ -293,25 +296,17 @@ def first_rows(rows: Dataset, limit: int | None) -> Dataset:
 
 
 def train_step(
-    engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], precision: str, max_grad_norm: float
+    engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float
 ) -> tuple[float, float, float]:
     """One optimizer step over this rank's micro-batches -> (global-batch loss, pre-clip grad norm, lr used).
 
     Each micro-batch loss is its token-summed CE divided by the target tokens of the whole global batch
-    (`num_items_in_batch`), so the micro-batch losses of all ranks add up to the global-batch mean.
+    (`num_items_in_batch`), so the micro-batch losses of all data-parallel ranks add up to the global mean.
     """
     runtime = engine.runtime
     local_targets = sum(count_target_tokens(b) for b in micro_batches)
-    n_targets = int(runtime.all_reduce_sum(torch.tensor(local_targets, dtype=torch.long)).item())
-    step_loss = torch.zeros((), device=runtime.device)
-    for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
-        with engine.sync_gradients(i == len(micro_batches) - 1):  # wraps forward and backward (DDP no_sync)
-            with autocast(precision, runtime.device):
-                loss = engine.model(**batch, num_items_in_batch=max(n_targets, 1)).loss
-            # DDP/FSDP/DeepSpeed average gradients over ranks; the world-size factor keeps the global sum.
-            engine.backward(loss * runtime.world_size)
-        step_loss += loss.detach().float()
+    n_targets = int(runtime.all_reduce_sum(torch.tensor(local_targets, dtype=torch.long), "dp").item())
+    step_loss = engine.forward_backward(micro_batches, n_targets)
     lr = engine.current_lr()  # the rate this step used; step() advances the schedule
     grad_norm = engine.step(max_grad_norm)
-    return float(runtime.all_reduce_sum(step_loss)), grad_norm, lr
+    return float(runtime.all_reduce_sum(step_loss, "dp")), grad_norm, lr

@@ -23,10 +23,10 @@ from typing import IO
 
 from overdrive.atomic import remove_entries
 from overdrive.config import TrainConfig
+from overdrive.core.runtime import Runtime
 from overdrive.errors import UsageError
 from overdrive.tracking import TRACKER_DIRS
 from overdrive.train import checkpoint
-from overdrive.train.engine import Runtime
 
 RUN_ARTIFACTS = (
     "checkpoints",

@@ -1,0 +1,153 @@
+"""TorchEngine: a torch model under any layout overdrive builds (plain, DDP, FSDP2/HSDP, tensor parallel, 2-D)
+with a torch optimizer, clipping over every shard, and checkpoints.
+
+Checkpoints: with a process group, DCP (each rank writes its shards, keyed by parameter name, so another layout
+can load them); a plain single-process run writes model.safetensors + optimizer.pt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from overdrive.core.engine import MicroBatchEngine, OptimizerFactory, SchedulerFactory
+from overdrive.core.runtime import Runtime
+
+if TYPE_CHECKING:
+    from overdrive.parallel.data import GradientSync
+    from overdrive.parallel.strategy import Strategy
+
+
+class TorchEngine(MicroBatchEngine):
+    """`model` is what the loop calls (a DDP wrapper or the module); `module` is the HF model underneath, whose
+    parameter names are the checkpoint keys on every layout."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module: nn.Module,
+        runtime: Runtime,
+        strategy: Strategy,
+        make_optimizer: OptimizerFactory,
+        make_scheduler: SchedulerFactory,
+        *,
+        precision: str = "fp32",
+        gradient_sync: GradientSync | None = None,
+        loss_context: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.model = model
+        self.module = module
+        self.runtime = runtime
+        self.strategy = strategy
+        self.precision = precision
+        self.optimizer = make_optimizer(module)
+        self.scheduler = make_scheduler(self.optimizer)
+        self.scaler = grad_scaler
+        self._gradient_sync = gradient_sync
+        self._loss_context = loss_context
+        self.checkpoint_format = "dcp" if runtime.mesh is not None else "local"
+
+    def sync_gradients(self, enabled: bool) -> contextlib.AbstractContextManager[None]:
+        return self._gradient_sync(enabled) if self._gradient_sync else contextlib.nullcontext()
+
+    def loss_context(self) -> contextlib.AbstractContextManager[None]:
+        return self._loss_context() if self._loss_context else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def step(self, max_grad_norm: float) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm(self.module.parameters(), max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save_checkpoint(self, directory: Path) -> None:
+        if self.checkpoint_format == "dcp":
+            from overdrive.parallel.checkpoint import save_dcp
+
+            save_dcp(self.module, self.optimizer, self.scheduler, Path(directory), self.runtime, self.scaler)
+            return
+        from safetensors.torch import save_model
+
+        save_model(self.module, str(Path(directory) / "model.safetensors"))
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        torch.save(state, Path(directory) / "optimizer.pt")
+
+    def load_checkpoint(self, directory: Path) -> None:
+        if self.checkpoint_format == "dcp":
+            from overdrive.parallel.checkpoint import load_dcp
+
+            load_dcp(self.module, self.optimizer, self.scheduler, Path(directory), self.scaler)
+            return
+        from safetensors.torch import load_model
+
+        load_model(self.module, str(Path(directory) / "model.safetensors"))
+        state = torch.load(Path(directory) / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from overdrive.parallel.checkpoint import full_model_state_dict
+
+        return full_model_state_dict(self.module)
+
+    def unwrapped_model(self) -> nn.Module:
+        return getattr(self.module, "_orig_mod", self.module)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Pre-clip global grad norm over plain and DTensor gradients (any mesh); clips in place when max_norm > 0.
+
+    Gradients are grouped by mesh: torch computes each group's norm on its DTensor placements (shards summed,
+    replicas counted once), and the groups' squares add up to the global norm.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    groups: dict[object, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if len(norms) == 1:
+        total = norms[0]
+    else:
+        total = torch.stack([n.float().to(norms[0].device) for n in norms]).pow(2).sum().sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in local:
+            by_device.setdefault((g.device, g.dtype), []).append(g)
+        for (device, _), group in by_device.items():
+            torch._foreach_mul_(group, coef.to(device))
+    value = float(total)
+    return value if math.isfinite(value) else float("nan")
