@@ -284,6 +284,68 @@ def test_bench_input_errors(tmp_path: Path) -> None:
     assert [p.name for p in existing.iterdir()] == ["mine.txt"]
 
 
+# ------------------------------------------------------------------ strategy cells and the seed 004 table
+def seed_rows() -> list[dict]:
+    """Cells as the runner writes them for strategy columns: tp/pp/dp, micro × accumulation, sec/iter."""
+    layouts = {  # system: (strategy, nproc, tp, dp, micro, accum)
+        "overdrive-single": ("single", 1, 1, 1, 8, 1),
+        "overdrive-tp": ("tp", 4, 4, 1, 2, 4),
+        "overdrive-fsdp-tp": ("/x/fsdp-tp.yaml", 4, 2, 2, 2, 2),
+    }
+    rows = []
+    for system, (strategy, nproc, tp, dp, micro, accum) in layouts.items():
+        tps = {"overdrive-single": 1000.0, "overdrive-tp": 500.0, "overdrive-fsdp-tp": None}[system]
+        row = synthetic_row(system, 8, "ok" if tps else "oom", tps, strategy=strategy, nproc=nproc, tp=tp)
+        row.update(pp=1, dp=dp, micro_batch_size=micro, accumulation_steps=accum, seq_len=256)
+        row.update(sec_per_iter=0.25 * tp if tps else None, measured_steps=4)
+        row["peak_memory_bytes"] = 3 * 2**28 if tps else None
+        rows.append(row)
+    return rows
+
+
+def test_bench_seed_table_has_the_seed_columns_and_values(tmp_path: Path) -> None:
+    bench = synthetic_bench()
+    bench["rows"] = seed_rows()
+    report.write_all(bench, tmp_path)
+    md = (tmp_path / "bench.md").read_text()
+    section = md.split("## Runs (seed 004 columns)")[1].split("## Ratio")[0]
+    header = (
+        "| Method | tp | pp | micro batch | grad accumulation | global batch | seq | processes | "
+        "memory (peak per device, GiB) | sec/iter | tokens/s/device |"
+    )
+    assert header in section
+    assert "| overdrive-single | 1 | 1 | 8 | 1 | 8 | 256 | 1 | 0.75 | 0.250 | 1,000.0 |" in section
+    assert "| overdrive-tp | 4 | 1 | 2 | 4 | 8 | 256 | 4 | 0.75 | 1.000 | 500.0 |" in section
+    # a failed cell keeps its layout and shows its status, never a number
+    assert "| overdrive-fsdp-tp | 2 | 1 | 2 | 2 | 8 | 256 | 4 | — | — | OOM |" in section
+    # the terminal print (everything before the ratio table) includes it
+    assert md.index("## Runs (seed 004 columns)") < md.index("## Ratio to HF Trainer")
+    rows = {r["system"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    tp = rows["overdrive-tp"]
+    assert (tp["tp"], tp["pp"], tp["dp"], tp["nproc"]) == (4, 1, 1, 4)
+    assert (tp["micro_batch_size"], tp["accumulation_steps"], tp["global_batch_size"]) == (2, 4, 8)
+    assert (tp["sec_per_iter"], tp["peak_memory_bytes"], tp["tokens_per_sec_per_device"]) == (
+        1.0,
+        3 * 2**28,
+        500,
+    )
+
+
+def test_bench_seed_table_reads_older_rows_and_names_strategies() -> None:
+    """Rows of a bench.json written before strategy columns (no tp/pp/sec_per_iter) still render; a column whose
+    name does not say its strategy gets it in parentheses (a YAML file by its stem)."""
+    old = synthetic_row("overdrive", 8, "ok", 1000.0, measured_steps=4)
+    old["measured_sec"] = 2.0
+    w = synthetic_bench()["workload"]
+    assert "| overdrive | 1 | 1 | 8 | 1 | 8 | 256 | 1 | 1.00 | 0.500 | 1,000.0 |" in report.seed_table(
+        [old], w
+    )
+    assert report.method({"system": "overdrive", "strategy": "ddp"}) == "overdrive (ddp)"
+    assert report.method({"system": "overdrive-x", "strategy": "/a/b/mine.yaml"}) == "overdrive-x (mine)"
+    assert report.method({"system": "overdrive-fsdp-tp", "strategy": "fsdp-tp"}) == "overdrive-fsdp-tp"
+    assert report.method({"system": "hf-trainer", "strategy": None}) == "hf-trainer"
+
+
 @pytest.mark.slow
 def test_bench_micro_end_to_end_same_losses(
     micro_config: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -1,4 +1,5 @@
-"""`overdrive bench`: HF Trainer, HF Trainer + DeepSpeed ZeRO-3 and overdrive on one workload, one table.
+"""`overdrive bench`: HF Trainer, HF Trainer + DeepSpeed ZeRO-3 and overdrive (any strategies) on one
+workload, one table.
 
 Registered in `overdrive.cli` with `add_bench_parser(sub)` and `COMMANDS["bench"] = run_bench`.
 """
@@ -70,6 +71,14 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "plus --strategy fsdp on several GPUs, ddp on several CPU processes)",
     )
     s.add_argument(
+        "--overdrive-strategies",
+        default=None,
+        metavar="S1,S2",
+        help="one overdrive column per strategy (preset name or YAML file), e.g. single,fsdp,tp: named "
+        "overdrive-S, each with the --overdrive-args flags (default --compile --kernels) plus --strategy S, "
+        "launched on 1 process for single and on --nproc otherwise",
+    )
+    s.add_argument(
         "--overdrive-variant",
         action="append",
         default=[],
@@ -93,6 +102,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def build_workload(args: argparse.Namespace):  # -> Workload (import kept lazy for a fast --help)
     import torch
 
+    from overdrive.bench.plan import plan_workload
     from overdrive.bench.presets import (
         PRESETS,
         Workload,
@@ -114,10 +124,15 @@ def build_workload(args: argparse.Namespace):  # -> Workload (import kept lazy f
         import importlib.util
 
         attn = "flash_attention_2" if gpus and importlib.util.find_spec("flash_attn") else "sdpa"
-    systems = parse_systems(args.systems, device, nproc, args.overdrive_args)
+    systems = parse_systems(args.systems, device, nproc, args.overdrive_args, args.overdrive_strategies)
     systems += [parse_variant(v) for v in args.overdrive_variant]
-    if len({s.name for s in systems}) != len(systems):
-        raise UsageError("two systems share a name; give each --overdrive-variant its own NAME")
+    names = [s.name for s in systems]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(
+            f"two columns are named {', '.join(twice)}; list each strategy once and give each "
+            "--overdrive-variant its own NAME"
+        )
     for spec in systems:
         if spec.kind == "overdrive":
             check_overdrive_args(spec)
@@ -149,6 +164,7 @@ def build_workload(args: argparse.Namespace):  # -> Workload (import kept lazy f
         systems=tuple(systems),
     )
     validate(w)
+    w = plan_workload(w)  # each overdrive column's strategy: processes, tp/pp, batch split; fails up front
     if w.attn_implementation == "flash_attention_2":
         from overdrive.modeling import check_attn
 
@@ -179,7 +195,9 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     w = build_workload(args)
     if args.dry_run:
-        print(yaml.safe_dump(w.to_dict(), sort_keys=False), end="")
+        from overdrive.bench.plan import describe_cells
+
+        print(yaml.safe_dump({**w.to_dict(), "cells": describe_cells(w)}, sort_keys=False), end="")
         return 0
     from overdrive.bench.runner import plan_output
     from overdrive.bench.runner import run_bench as run_all

@@ -7,7 +7,7 @@ that `overdrive bench --preset NAME` reproduces a table's shape; every field can
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from overdrive.errors import UsageError
@@ -72,11 +72,19 @@ PRESETS: dict[str, BenchPreset] = {
 
 @dataclass(frozen=True)
 class SystemSpec:
-    """One column of the table: a system kind and, for overdrive, the `overdrive train` flags it adds."""
+    """One column of the table: a system kind and, for overdrive, the `overdrive train` flags it adds.
+
+    The launch fields are filled by `plan.plan_system`: an overdrive column's strategy (preset name or absolute
+    YAML path) decides its processes and its tensor/pipeline degrees; HF columns run on the bench's --nproc.
+    """
 
     name: str
     kind: str
     extra_args: tuple[str, ...] = ()
+    strategy: str | None = None
+    nproc: int | None = None  # None: the workload's nproc
+    tp: int = 1
+    pp: int = 1
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ class Workload:
     warmup_steps: int
     precision: str
     device: str  # "cpu" or "cuda": where the cells run
-    nproc: int  # processes (one per GPU) per cell
+    nproc: int  # processes (one per GPU) per HF cell and per distributed overdrive strategy
     micro_batch_size: int | None  # per device; None = global / nproc (no accumulation, as the seeds)
     attn_implementation: str
     learning_rate: float = 1e-3
@@ -108,11 +116,12 @@ class Workload:
     threads: int | None = None  # OMP/MKL threads per process for every system (CPU); None leaves them alone
     systems: tuple[SystemSpec, ...] = field(default_factory=tuple)
 
-    def micro_for(self, global_batch: int) -> int:
-        return self.micro_batch_size or max(1, global_batch // self.nproc)
+    def micro_for(self, global_batch: int, dp: int | None = None) -> int:
+        """Rows per forward over `dp` data-parallel ranks (default: all processes)."""
+        return self.micro_batch_size or max(1, global_batch // (dp or self.nproc))
 
-    def accumulation_for(self, global_batch: int) -> int:
-        return global_batch // (self.micro_for(global_batch) * self.nproc)
+    def accumulation_for(self, global_batch: int, dp: int | None = None) -> int:
+        return global_batch // (self.micro_for(global_batch, dp) * (dp or self.nproc))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -128,26 +137,55 @@ def default_overdrive_args(device: str, nproc: int) -> tuple[str, ...]:
     return tuple(args)
 
 
-def parse_systems(text: str, device: str, nproc: int, overdrive_args: str | None) -> list[SystemSpec]:
-    """`hf-trainer,hf-deepspeed,overdrive` -> specs; overdrive gets the device default unless args are given."""
+def parse_systems(
+    text: str, device: str, nproc: int, overdrive_args: str | None, strategies: str | None = None
+) -> list[SystemSpec]:
+    """`hf-trainer,hf-deepspeed,overdrive` -> specs; overdrive gets the device default unless args are given.
+    With `strategies` (`single,fsdp,tp`) the overdrive entry becomes one column per strategy."""
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise UsageError("--systems is empty; pass e.g. hf-trainer,hf-deepspeed,overdrive")
+    if len(set(names)) != len(names):
+        raise UsageError("--systems names a system twice; list each once")
     specs = []
     for name in names:
         if name not in SYSTEM_KINDS:
             raise UsageError(f"unknown system {name!r} in --systems; choose from {', '.join(SYSTEM_KINDS)}")
-        extra: tuple[str, ...] = ()
-        if name == "overdrive":
+        if name != "overdrive":
+            specs.append(SystemSpec(name=name, kind=name))
+        elif strategies is not None:
+            specs += strategy_columns(strategies, overdrive_args)
+        else:
             extra = (
                 tuple(shlex.split(overdrive_args))
                 if overdrive_args is not None
                 else default_overdrive_args(device, nproc)
             )
-        specs.append(SystemSpec(name=name, kind=name, extra_args=extra))
-    if len({s.name for s in specs}) != len(specs):
-        raise UsageError("--systems names a system twice; list each once")
+            specs.append(SystemSpec(name=name, kind=name, extra_args=extra))
+    if strategies is not None and "overdrive" not in names:
+        raise UsageError("--overdrive-strategies needs overdrive in --systems; add it there")
     return specs
+
+
+def strategy_columns(strategies: str, overdrive_args: str | None) -> list[SystemSpec]:
+    """`single,fsdp,tp` -> columns overdrive-single, overdrive-fsdp, overdrive-tp, each running the overdrive
+    flags (default --compile --kernels) with its own --strategy."""
+    from overdrive.bench.plan import strategy_arg, strategy_label
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    if not names:
+        raise UsageError("--overdrive-strategies is empty; pass e.g. single,fsdp,tp")
+    base = tuple(shlex.split(overdrive_args)) if overdrive_args is not None else ("--compile", "--kernels")
+    if strategy_arg(base) is not None:
+        raise UsageError(
+            "--overdrive-args sets --strategy while --overdrive-strategies gives each column its own; drop one"
+        )
+    return [
+        SystemSpec(
+            name=f"overdrive-{strategy_label(n)}", kind="overdrive", extra_args=(*base, "--strategy", n)
+        )
+        for n in names
+    ]
 
 
 def parse_variant(text: str) -> SystemSpec:
@@ -187,7 +225,9 @@ def validate(w: Workload) -> None:
         raise UsageError(f"--threads must be positive, got {w.threads}")
     if w.micro_batch_size is not None and w.micro_batch_size <= 0:
         raise UsageError(f"--micro-batch-size must be positive, got {w.micro_batch_size}")
-    for g in w.batch_sizes:
+    # overdrive columns split the batch over their strategy's data-parallel ranks: checked by plan.plan_workload
+    hf = any(s.kind != "overdrive" for s in w.systems)
+    for g in w.batch_sizes if hf else ():
         m = w.micro_for(g)
         if g % (m * w.nproc):
             raise UsageError(
@@ -198,7 +238,3 @@ def validate(w: Workload) -> None:
         raise UsageError("--train-file and --dataset are exclusive; pass one data source")
     if not w.systems:
         raise UsageError("no systems to run; pass --systems")
-
-
-def with_overrides(w: Workload, **changes: Any) -> Workload:
-    return replace(w, **{k: v for k, v in changes.items() if v is not None})

@@ -125,8 +125,9 @@ def render_markdown(bench: dict[str, Any]) -> str:
         "",
         f"Model `{w['model_config']}` ({model['num_params'] / 1e6:.1f}M params, vocab {model['vocab_size']}), "
         f"sequence {w['seq_len']}, precision {w['precision']}, attention {w['attn_implementation']}; "
-        f"{w['warmup_steps']} warm-up + {w['steps']} measured optimizer steps per cell; {w['nproc']} process(es) "
-        f"on {env['device_name']} ({env['device']}); data: {bench['data']['source']}.",
+        f"{w['warmup_steps']} warm-up + {w['steps']} measured optimizer steps per cell; --nproc {w['nproc']} "
+        f"(each cell's processes: Runs table) on {env['device_name']} ({env['device']}); "
+        f"data: {bench['data']['source']}.",
         "",
         "## Throughput (tokens/s/device)",
         "",
@@ -147,6 +148,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
     ds_ratio = summary.get("overdrive_best_over_hf_deepspeed_best")
     if ds_ratio is not None:
         lines.append(f"\noverdrive best / HF DeepSpeed ZeRO-3 best = {ds_ratio:.2f}×")
+    lines += ["", *seed_table(rows, w)]
     lines += [
         "",
         "## Ratio to HF Trainer at the same global batch",
@@ -228,6 +230,73 @@ def render_markdown(bench: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def method(row: dict[str, Any]) -> str:
+    """The row's name in the seed-shaped table: the column, with its strategy when the name does not say it."""
+    strategy = row.get("strategy")
+    label = (
+        Path(strategy).stem
+        if strategy and ("/" in strategy or strategy.endswith((".yaml", ".yml")))
+        else strategy
+    )
+    return row["system"] if not label or row["system"].endswith(label) else f"{row['system']} ({label})"
+
+
+def sec_per_iter(row: dict[str, Any]) -> float | None:
+    """Seconds per optimizer step over the measured steps (older bench.json rows: from measured_sec)."""
+    if row.get("sec_per_iter") is not None:
+        return row["sec_per_iter"]
+    if row.get("measured_sec") and row.get("measured_steps"):
+        return row["measured_sec"] / row["measured_steps"]
+    return None
+
+
+SEED_HEADER = (
+    "Method",
+    "tp",
+    "pp",
+    "micro batch",
+    "grad accumulation",
+    "global batch",
+    "seq",
+    "processes",
+    "memory (peak per device, GiB)",
+    "sec/iter",
+    "tokens/s/device",
+)
+
+
+def seed_table(rows: list[dict[str, Any]], w: dict[str, Any]) -> list[str]:
+    """One line per cell in the seed 004 table's shape (Method | tp | pp | mbs | grad acc | global bs | seq |
+    memory | sec/iter | tokens/s/device), batch-major; failed cells show their status."""
+    where = "CUDA allocator high-water mark" if w["device"] == "cuda" else "peak RSS"
+    out = [
+        "## Runs (seed 004 columns)",
+        "",
+        f"memory: {where} of rank 0 (the rank that logs); sec/iter: measured seconds per optimizer step.",
+        "",
+        "| " + " | ".join(SEED_HEADER) + " |",
+        "| --- |" + " ---: |" * (len(SEED_HEADER) - 1),
+    ]
+    order = {s: i for i, s in enumerate(systems_of(rows))}
+    for r in sorted(rows, key=lambda r: (r["global_batch_size"], order[r["system"]])):
+        mem = r.get("peak_memory_bytes")
+        cells = [
+            method(r),
+            r.get("tp", 1),
+            r.get("pp", 1),
+            r.get("micro_batch_size", "—"),
+            r.get("accumulation_steps", "—"),
+            r["global_batch_size"],
+            r.get("seq_len", w["seq_len"]),
+            r.get("nproc", "—"),
+            fmt_num(mem / 2**30 if mem and ok(r) else None, ".2f"),
+            fmt_num(sec_per_iter(r) if ok(r) else None, ".3f"),
+            fmt_status(r) or f"{r['tokens_per_sec_per_device']:,.1f}",
+        ]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return out
 
 
 def first_loss_tables(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any
 from overdrive.bench.hf_trainer_cell import OOM_MARKER
 from overdrive.bench.inputs import Prepared, prepare
 from overdrive.bench.oom_kills import oom_kill_counts, oom_killer_fired
+from overdrive.bench.plan import cell_batch, planned_row
 from overdrive.bench.presets import SystemSpec, Workload
 from overdrive.errors import UsageError
 
@@ -55,11 +56,18 @@ WORKLOAD_FLAGS = (
     "--max-grad-norm",
     "--packing",
     "--dtype",
+    "--gradient-accumulation-steps",
 )
 OOM_PATTERNS = re.compile(
     rf"{re.escape(OOM_MARKER)}|OutOfMemoryError|out of memory|can't allocate memory", re.IGNORECASE
 )
 RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")
+# summary.json key of an overdrive run -> bench row key
+RUN_SUMMARY_KEYS = {
+    "micro_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "accumulation_steps",
+    "world_size": "world_size",
+}
 ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|overdrive: error)")
 
 
@@ -166,17 +174,10 @@ def child_env(device: str, threads: int | None = None) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- cells
-def launcher(w: Workload, kind: str) -> list[str]:
+def launcher(nproc: int, kind: str) -> list[str]:
     """torchrun for several processes, and always for DeepSpeed (it wants a launched process group)."""
-    if w.nproc > 1 or kind == "hf-deepspeed":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(w.nproc),
-        ]
+    if nproc > 1 or kind == "hf-deepspeed":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     return [sys.executable]
 
 
@@ -234,7 +235,7 @@ def hf_command(spec: SystemSpec, w: Workload, g: int, prep: Prepared, cell: Path
         write_json(cell / "ds_config.json", deepspeed_config(w, g))
         cell_spec["deepspeed_config"] = str(cell / "ds_config.json")
     write_json(cell / "spec.json", cell_spec)
-    return [*launcher(w, spec.kind), "-m", "overdrive.bench.hf_trainer_cell", str(cell / "spec.json")]
+    return [*launcher(w.nproc, spec.kind), "-m", "overdrive.bench.hf_trainer_cell", str(cell / "spec.json")]
 
 
 def overdrive_command(spec: SystemSpec, w: Workload, g: int, prep: Prepared, cell: Path) -> list[str]:
@@ -247,40 +248,34 @@ def overdrive_command(spec: SystemSpec, w: Workload, g: int, prep: Prepared, cel
         data += ["--train-file", str(prep.train_file)]
     if w.text_column:
         data += ["--text-column", w.text_column]
-    args = [
-        *(
-            "--model",
-            str(prep.init_dir),
-            *data,
-            "--validation-split-percentage",
-            "0",
-            "--max-eval-batches",
-            "1",
-        ),
-        *(
-            "--block-size",
-            str(w.seq_len),
-            "--packing",
-            "concat",
-            "--max-steps",
-            str(w.warmup_steps + w.steps),
-        ),
-        *("--global-batch-size", str(g), "--micro-batch-size", str(w.micro_for(g))),
-        *("--learning-rate", repr(w.learning_rate), "--lr-scheduler", "constant", "--warmup-steps", "0"),
-        *(
-            "--weight-decay",
-            repr(WEIGHT_DECAY),
-            "--adam-beta1",
-            repr(ADAM_BETA1),
-            "--adam-beta2",
-            repr(ADAM_BETA2),
-        ),
-        *("--adam-epsilon", repr(ADAM_EPSILON), "--max-grad-norm", repr(w.max_grad_norm)),
-        *("--precision", w.precision, "--dtype", "float32", "--attn-implementation", w.attn_implementation),
-        *("--seed", str(w.seed), "--logging-steps", "1", "--output-dir", str(cell / "run"), "--overwrite"),
-        *("--quiet", "--no-export", "--max-new-tokens", "0"),
-    ]
-    return [*launcher(w, spec.kind), "-m", "overdrive", "train", *args, *spec.extra_args]
+    flags = {
+        "--model": str(prep.init_dir),
+        "--validation-split-percentage": "0",
+        "--max-eval-batches": "1",
+        "--block-size": str(w.seq_len),
+        "--packing": "concat",
+        "--max-steps": str(w.warmup_steps + w.steps),
+        "--global-batch-size": str(g),
+        "--micro-batch-size": str(cell_batch(w, spec, g)[0]),
+        "--learning-rate": repr(w.learning_rate),
+        "--lr-scheduler": "constant",
+        "--warmup-steps": "0",
+        "--weight-decay": repr(WEIGHT_DECAY),
+        "--adam-beta1": repr(ADAM_BETA1),
+        "--adam-beta2": repr(ADAM_BETA2),
+        "--adam-epsilon": repr(ADAM_EPSILON),
+        "--max-grad-norm": repr(w.max_grad_norm),
+        "--precision": w.precision,
+        "--dtype": "float32",
+        "--attn-implementation": w.attn_implementation,
+        "--seed": str(w.seed),
+        "--logging-steps": "1",
+        "--output-dir": str(cell / "run"),
+        "--max-new-tokens": "0",
+    }
+    args = [*(x for kv in flags.items() for x in kv), *data, "--overwrite", "--quiet", "--no-export"]
+    nproc = spec.nproc or w.nproc
+    return [*launcher(nproc, spec.kind), "-m", "overdrive", "train", *args, *spec.extra_args]
 
 
 def read_overdrive_run(run_dir: Path) -> dict[str, Any] | None:
@@ -292,11 +287,18 @@ def read_overdrive_run(run_dir: Path) -> dict[str, Any] | None:
     train = [r for r in records if "loss" in r]
     if not train:
         return None
-    return {
+    out: dict[str, Any] = {
         "losses": [r["loss"] for r in train],
         "step_end_sec": [r["elapsed_sec"] for r in train],
         "peak_memory_bytes": train[-1].get("peak_memory_bytes"),
     }
+    summary = run_dir / "summary.json"
+    if summary.is_file():  # what the run itself resolved: the table shows what ran, not what was planned
+        done = json.loads(summary.read_text())
+        for key, ours in RUN_SUMMARY_KEYS.items():
+            if done.get(key) is not None:
+                out[ours] = done[key]
+    return out
 
 
 def throughput(step_end_sec: Sequence[float], w: Workload, g: int) -> tuple[float, float] | None:
@@ -332,33 +334,22 @@ def run_cell(
     outcome = run_process(argv, w.timeout, cell, child_env(w.device, w.threads))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_sec = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    row: dict[str, Any] = {
-        "system": spec.name,
-        "kind": spec.kind,
-        "global_batch_size": g,
-        "micro_batch_size": w.micro_for(g),
-        "accumulation_steps": w.accumulation_for(g),
-        "nproc": w.nproc,
-        "status": outcome.status,
-        "message": outcome.message,
-        "tokens_per_sec": None,
-        "tokens_per_sec_per_device": None,
-        "tflops_per_device": None,
-        "mfu": None,
-        "peak_memory_bytes": None,
-        "first_losses": [],
-        "losses": [],
-        "warmup_steps": w.warmup_steps,
-        "measured_steps": w.steps,
-        "measured_sec": None,
-        "wall_sec": round(outcome.wall_sec, 2),
-        "returncode": outcome.returncode,
-        "command": shlex.join(argv),
-        "cell_dir": str(cell),
-        "load_avg_before": round(load_before, 2),
-        "load_avg_after": round(os.getloadavg()[0], 2),
-        "cpu_sec": round(cpu_sec, 1),  # CPU time of the cell's processes (all ranks): starvation shows here
-    }
+    row = planned_row(spec, w, g)
+    row.update(
+        {
+            "status": outcome.status,
+            "message": outcome.message,
+            "wall_sec": round(outcome.wall_sec, 2),
+            "returncode": outcome.returncode,
+            "command": shlex.join(argv),
+            "cell_dir": str(cell),
+            "load_avg_before": round(load_before, 2),
+            "load_avg_after": round(os.getloadavg()[0], 2),
+            "cpu_sec": round(
+                cpu_sec, 1
+            ),  # CPU time of the cell's processes (all ranks): starvation shows here
+        }
+    )
     if outcome.status != "ok":
         return row
     if spec.kind == "overdrive":
@@ -371,7 +362,7 @@ def run_cell(
         row.update(status="error", message="the run finished but wrote no per-step timings")
         return row
     tps, seconds = timing
-    per_device = tps / w.nproc
+    per_device = tps / row["nproc"]
     tflops = per_device * prep.flops_per_token / 1e12
     row.update(
         tokens_per_sec=tps,
@@ -382,8 +373,15 @@ def run_cell(
         first_losses=result["losses"][:FIRST_LOSSES],
         losses=result["losses"],
         measured_sec=round(seconds, 3),
+        sec_per_iter=seconds / w.steps,
     )
-    for key in ("distributed_type", "mixed_precision", "world_size"):
+    for key in (
+        "distributed_type",
+        "mixed_precision",
+        "world_size",
+        "micro_batch_size",
+        "accumulation_steps",
+    ):
         if key in result:
             row[key] = result[key]
     return row
