@@ -1,8 +1,8 @@
-"""`overdrive train`, top to bottom: data -> tokenizer -> model -> engine -> loop -> eval -> export -> sample.
+"""`overdrive train`, top to bottom: data -> model -> parallelize -> loop (log, eval, save) -> export -> sample.
 
 The loss of a step is the token-mean cross-entropy over the whole global batch: every micro-batch's summed loss
-is divided by the number of target tokens in the global batch (all ranks, all micro-batches), so accumulation
-and data parallelism change nothing numerically (no gradient-accumulation loss bug).
+is divided by the number of target tokens in the global batch (all data-parallel ranks, all micro-batches), so
+accumulation and parallelism change nothing numerically (no gradient-accumulation loss bug).
 """
 
 from __future__ import annotations
@@ -10,27 +10,19 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from datasets import Dataset
 
 from overdrive.atomic import write_json, write_text
 from overdrive.config import TrainConfig
 from overdrive.core.engine import TrainEngine
 from overdrive.core.runtime import Runtime
-from overdrive.data.loader import (
-    BatchPlan,
-    collate,
-    count_target_tokens,
-    global_batch_indices,
-    rank_micro_batches,
-)
-from overdrive.data.packing import build_lm_datasets
-from overdrive.data.sources import load_raw
-from overdrive.errors import TrainingDiverged, UsageError
+from overdrive.data.loader import count_target_tokens
+from overdrive.errors import TrainingDiverged
 from overdrive.metrics import (
     MetricsWriter,
     flops_per_token,
@@ -48,12 +40,10 @@ from overdrive.train.build import (
     build_engine,
     build_model,
     check_model_source,
-    main_process_first,
     resolve_strategy,
-    resolve_tokenizer,
     seed_everything,
-    share_tokenizer,
 )
+from overdrive.train.data_stage import TrainData, prepare_data
 from overdrive.train.faults import maybe_fail
 from overdrive.train.finish import (
     build_summary,
@@ -72,9 +62,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     output_dir, resume_from = plan_output(cfg)
     strategy = resolve_strategy(cfg)
     world = launch_env().world_size
-    strategy.validate(world)
+    strategy.validate(world)  # bad combinations and degrees fail before any process group starts
     check_model_source(cfg, strategy.tp_degree(world))
-    runtime = init_runtime(strategy)  # validates the strategy before any process group starts
+    runtime = init_runtime(strategy)
     try:
         with guard(runtime), contextlib.ExitStack() as cleanup:
             return run(cfg, strategy, runtime, output_dir, resume_from, cleanup)
@@ -91,177 +81,227 @@ def run(
     cleanup: contextlib.ExitStack,
 ) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
-
-    # data and tokenizer
-    raw, text_column, source = load_raw(
-        dataset=cfg.dataset,
-        dataset_config=cfg.dataset_config,
-        train_file=cfg.train_file,
-        validation_file=cfg.validation_file,
-        text_column=cfg.text_column,
-        validation_split_percentage=cfg.validation_split_percentage,
-        seed=cfg.seed,
-        cache_dir=cfg.cache_dir,
-    )
-    tokenizer = resolve_tokenizer(cfg, raw["train"][text_column], output_dir if resume_from else None)
-    tokenizer = share_tokenizer(tokenizer, runtime)
-    with main_process_first(runtime):  # rank 0 fills the datasets cache, the others read it
-        lm = build_lm_datasets(raw, text_column, tokenizer, cfg.block_size, cfg.packing)
-    train_rows = first_rows(lm["train"], cfg.max_train_samples)
-    if "validation" in lm:
-        lm["validation"] = first_rows(lm["validation"], cfg.max_eval_samples)
-    micro_batch_size, _ = strategy.resolve_batch(cfg.global_batch_size, runtime.dp_size, cfg.micro_batch_size)
-    plan = BatchPlan(cfg.global_batch_size, micro_batch_size, runtime.dp_size)
-    steps_per_epoch = len(train_rows) // cfg.global_batch_size
-    if steps_per_epoch == 0:
-        raise UsageError(
-            f"the training data has {len(train_rows)} rows of {cfg.block_size} tokens, fewer than one global "
-            f"batch ({cfg.global_batch_size}); lower --global-batch-size or --block-size, or add data"
-        )
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-
-    # model and engine
-    model, fill = build_model(cfg, len(tokenizer), runtime)
+    data = prepare_data(cfg, strategy, runtime, output_dir if resume_from else None)
+    model, fill = build_model(cfg, len(data.tokenizer), runtime)  # on meta: no weights yet
     n_params, n_compute_params = count_parameters(model)
-    mc = model.config
-    flops_tok = flops_per_token(n_compute_params, mc.num_hidden_layers, mc.hidden_size, cfg.block_size)
-    engine = build_engine(model, cfg, strategy, runtime, total_steps, micro_batch_size, fill)
+    flops_tok = flops_per_token(
+        n_compute_params, model.config.num_hidden_layers, model.config.hidden_size, cfg.block_size
+    )
+    engine = build_engine(
+        model, cfg, strategy, runtime, data.total_steps, data.plan.micro_batch_size, fill
+    )  # parallelized, local shards filled
 
     # from here on the run writes to disk, holding the output dir until it ends
     cleanup.enter_context(claim_output_dir(cfg, runtime, output_dir, resume_from))
+    start_step = start_or_resume(engine, cfg, data, output_dir, resume_from)
+    writer = open_metrics(cfg, runtime, output_dir, resume_from, start_step, cleanup)
+    log = Progress(data.total_steps, start_step, enabled=runtime.is_main, quiet=cfg.quiet)
+    log.info(
+        f"model {n_params / 1e6:.1f}M params, {len(data.train_rows)} train rows of {cfg.block_size} tokens from "
+        f"{data.source}, {data.total_steps} steps of {cfg.global_batch_size} rows (micro "
+        f"{data.plan.micro_batch_size} × {data.plan.accumulation_steps} accumulation × {runtime.dp_size} "
+        f"data-parallel ranks; {runtime.dims.describe()}) -> {output_dir}"
+    )
+
+    def evaluate_at(step: int) -> dict[str, float] | None:
+        if data.validation is None:
+            return None
+        result = evaluate(engine, data.validation, cfg, runtime, data.plan.micro_batch_size)
+        if writer:
+            writer.write({"step": step, **result})
+        return result
+
+    # at the start, not again when resuming a finished run (its final eval follows)
+    first_eval = evaluate_at(start_step) if start_step < data.total_steps else None
+    meter = Throughput(warmup=2 if strategy.compile else 1, start_step=start_step)
+    tokens_per_step = cfg.global_batch_size * cfg.block_size
+    started = time.perf_counter()
+    engine.model.train()
+    for step in range(start_step, data.total_steps):
+        t0 = time.perf_counter()
+        loss, grad_norm, lr = train_step(engine, data.micro_batches(step, cfg.seed, runtime.dp_rank), cfg)
+        check_finite(loss, step + 1, output_dir)
+        meter.add(step, tokens_per_step, time.perf_counter() - t0)
+        log.advance(loss)
+        done = step + 1
+        if done == start_step + 1 or done % cfg.logging_steps == 0 or done == data.total_steps:
+            record = step_record(done, loss, grad_norm, lr, meter, data, runtime, flops_tok, started)
+            if writer:
+                writer.write(record)
+            log.metrics(record)
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != data.total_steps:
+            result = evaluate_at(done)
+            if result:
+                log.info(
+                    f"eval at step {done}: loss {result['eval_loss']:.4f}, ppl {result['eval_perplexity']:.2f}"
+                )
+            engine.model.train()
+        if cfg.save_steps and done % cfg.save_steps == 0 and done != data.total_steps:
+            save(engine, cfg, output_dir, done)
+        maybe_fail(done, runtime)
+    log.close()
+    wall = time.perf_counter() - started
+
+    final_eval = evaluate_at(data.total_steps)
+    if cfg.save_steps and start_step < data.total_steps:
+        save(engine, cfg, output_dir, data.total_steps)
+    if writer:
+        writer.close()
+    return finish(
+        engine, cfg, data, runtime, output_dir, log, first_eval, final_eval, meter, wall, n_params, flops_tok
+    )
+
+
+def start_or_resume(
+    engine: TrainEngine, cfg: TrainConfig, data: TrainData, output_dir: Path, resume_from: Path | None
+) -> int:
+    """The first step to run: the checkpoint's (its metrics kept up to it), or 0 in a cleared run dir."""
+    main = engine.runtime.is_main
     start_step = 0
     if resume_from is not None:
         start_step = checkpoint.load(engine, resume_from)["step"]
-        if runtime.is_main:
+        if main:
             truncate_metrics(output_dir / "metrics.jsonl", start_step)
-    elif runtime.is_main:
+    elif main:
         clear_run(output_dir)
-        tokenizer.save_pretrained(str(output_dir / "tokenizer"))
-    if runtime.is_main:
+        data.tokenizer.save_pretrained(str(output_dir / "tokenizer"))
+    if main:
         write_text(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return start_step
+
+
+def open_metrics(
+    cfg: TrainConfig,
+    runtime: Runtime,
+    output_dir: Path,
+    resume_from: Path | None,
+    start_step: int,
+    cleanup: contextlib.ExitStack,
+) -> MetricsWriter | None:
+    """metrics.jsonl (rank 0), mirrored to the --report-to trackers."""
+    if not runtime.is_main:
+        return None
     tracker = cleanup.enter_context(
         open_trackers(
-            parse_report_to(cfg.report_to) if runtime.is_main else [],
+            parse_report_to(cfg.report_to),
             output_dir,
             cfg.to_dict(),
             output_dir.name,
             resume_step=start_step if resume_from is not None else None,
         )
     )
-    writer = (
-        MetricsWriter(output_dir / "metrics.jsonl", append=resume_from is not None, tracker=tracker)
-        if runtime.is_main
-        else None
-    )
-    log = Progress(total_steps, start_step, enabled=runtime.is_main, quiet=cfg.quiet)
-    log.info(
-        f"model {n_params / 1e6:.1f}M params, {len(train_rows)} train rows of {cfg.block_size} tokens from "
-        f"{source}, {total_steps} steps of {cfg.global_batch_size} rows (micro {micro_batch_size} × "
-        f"{plan.accumulation_steps} accumulation × {runtime.dp_size} data-parallel ranks; "
-        f"{runtime.dims.describe()}) -> {output_dir}"
+    return MetricsWriter(output_dir / "metrics.jsonl", append=resume_from is not None, tracker=tracker)
+
+
+def train_step(
+    engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], cfg: TrainConfig
+) -> tuple[float, float, float]:
+    """One optimizer step over this rank's micro-batches -> (global-batch loss, pre-clip grad norm, lr used).
+
+    Each micro-batch loss is its token-summed CE divided by the target tokens of the whole global batch
+    (`num_items_in_batch`), so the micro-batch losses of all data-parallel ranks add up to the global mean.
+    """
+    runtime = engine.runtime
+    local_targets = sum(count_target_tokens(b) for b in micro_batches)
+    n_targets = int(runtime.all_reduce_sum(torch.tensor(local_targets, dtype=torch.long), "dp").item())
+    step_loss = engine.forward_backward(micro_batches, n_targets)
+    lr = engine.current_lr()  # the rate this step used; step() advances the schedule
+    grad_norm = engine.step(cfg.max_grad_norm)
+    return float(runtime.all_reduce_sum(step_loss, "dp")), grad_norm, lr
+
+
+def check_finite(loss: float, step: int, output_dir: Path) -> None:
+    """A non-finite loss ends the run (exit 3); the checkpoints written so far stay."""
+    if math.isfinite(loss):
+        return
+    kept = checkpoint.list_checkpoints(output_dir)
+    raise TrainingDiverged(
+        f"loss became {loss} at step {step}; stopped with "
+        + (f"the last good checkpoint {kept[-1]} kept" if kept else "no checkpoint written")
+        + "; lower --learning-rate or add --warmup-steps and start again"
     )
 
+
+@dataclass
+class Throughput:
+    """Tokens per second over the timed steps (the first `warmup` pay for compilation and allocator warm-up)."""
+
+    warmup: int
+    start_step: int
+    timed_tokens: int = 0
+    timed_seconds: float = 0.0
+    window_tokens: int = 0
+    window_seconds: float = 0.0
+
+    def add(self, step: int, tokens: int, seconds: float) -> None:
+        if step - self.start_step >= self.warmup:
+            self.timed_tokens += tokens
+            self.timed_seconds += seconds
+            self.window_tokens += tokens
+            self.window_seconds += seconds
+
+    def take_window(self) -> float | None:
+        """Tokens/s since the last logged step, then start a new window."""
+        rate = self.window_tokens / self.window_seconds if self.window_seconds > 0 else None
+        self.window_tokens, self.window_seconds = 0, 0.0
+        return rate
+
+
+def step_record(
+    done: int,
+    loss: float,
+    grad_norm: float,
+    lr: float,
+    meter: Throughput,
+    data: TrainData,
+    runtime: Runtime,
+    flops_tok: float,
+    started: float,
+) -> dict[str, Any]:
+    """One metrics.jsonl line."""
+    tps = meter.take_window()
+    per_device = tps / runtime.world_size if tps else None
+    tflops = per_device * flops_tok / 1e12 if per_device else None
     peak = peak_tflops(runtime.device)
-    tokens_per_step = cfg.global_batch_size * cfg.block_size
-    warmup = 2 if strategy.compile else 1  # first steps pay for compilation and allocator warm-up
-    # at the start, not again when resuming a finished run (its final eval follows)
-    first_eval = (
-        evaluate(engine, lm["validation"], cfg, runtime, micro_batch_size)
-        if "validation" in lm and start_step < total_steps
-        else None
-    )
-    if first_eval and writer:
-        writer.write({"step": start_step, **first_eval})
-    timed_tokens, timed_seconds, window_tokens, window_seconds = 0, 0.0, 0, 0.0
-    loss_value = float("nan")
-    started = time.perf_counter()
-    engine.model.train()
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        micro_batches = [
-            collate(train_rows[idx])
-            for idx in rank_micro_batches(
-                global_batch_indices(len(train_rows), plan, cfg.seed, step), plan, runtime.dp_rank
-            )
-        ]
-        loss_value, grad_norm, lr = train_step(engine, micro_batches, cfg.max_grad_norm)
-        if not math.isfinite(loss_value):
-            kept = checkpoint.list_checkpoints(output_dir)
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step + 1}; stopped with "
-                + (f"the last good checkpoint {kept[-1]} kept" if kept else "no checkpoint written")
-                + "; lower --learning-rate or add --warmup-steps and start again"
-            )
-        elapsed = time.perf_counter() - t0
-        done = step + 1
-        if step - start_step >= warmup:
-            timed_tokens += tokens_per_step
-            timed_seconds += elapsed
-            window_tokens += tokens_per_step
-            window_seconds += elapsed
-        log.advance(loss_value)
+    return {
+        "step": done,
+        "epoch": round(done / data.steps_per_epoch, 3),
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_sec": tps,
+        "tokens_per_sec_per_device": per_device,
+        "tflops_per_device": tflops,
+        "mfu": tflops / peak if (tflops and peak) else None,
+        "peak_memory_bytes": peak_memory_bytes(runtime.device),
+        "elapsed_sec": time.perf_counter() - started,
+    }
 
-        if done == start_step + 1 or done % cfg.logging_steps == 0 or done == total_steps:
-            tps = window_tokens / window_seconds if window_seconds > 0 else None
-            per_device = tps / runtime.world_size if tps else None
-            tflops = per_device * flops_tok / 1e12 if per_device else None
-            record = {
-                "step": done,
-                "epoch": round(done / steps_per_epoch, 3),
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_sec": tps,
-                "tokens_per_sec_per_device": per_device,
-                "tflops_per_device": tflops,
-                "mfu": tflops / peak if (tflops and peak) else None,
-                "peak_memory_bytes": peak_memory_bytes(runtime.device),
-                "elapsed_sec": time.perf_counter() - started,
-            }
-            if writer:
-                writer.write(record)
-            log.metrics(record)
-            window_tokens, window_seconds = 0, 0.0
-        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps and "validation" in lm:
-            result = evaluate(engine, lm["validation"], cfg, runtime, micro_batch_size)
-            if writer:
-                writer.write({"step": done, **result})
-            log.info(
-                f"eval at step {done}: loss {result['eval_loss']:.4f}, ppl {result['eval_perplexity']:.2f}"
-            )
-            engine.model.train()
-        if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
-            checkpoint.save(
-                engine,
-                output_dir,
-                done,
-                {"consumed_samples": done * cfg.global_batch_size},
-                cfg.save_total_limit,
-            )
-        maybe_fail(done, runtime)
-    log.close()
-    wall = time.perf_counter() - started
 
-    final_eval = (
-        evaluate(engine, lm["validation"], cfg, runtime, micro_batch_size) if "validation" in lm else None
-    )
-    if final_eval and writer:
-        writer.write({"step": total_steps, **final_eval})
-    if cfg.save_steps and start_step < total_steps:
-        checkpoint.save(
-            engine,
-            output_dir,
-            total_steps,
-            {"consumed_samples": total_steps * cfg.global_batch_size},
-            cfg.save_total_limit,
-        )
-    if writer:
-        writer.close()
+def save(engine: TrainEngine, cfg: TrainConfig, output_dir: Path, step: int) -> None:
+    state = {"consumed_samples": step * cfg.global_batch_size}
+    checkpoint.save(engine, output_dir, step, state, cfg.save_total_limit)
+
+
+def finish(
+    engine: TrainEngine,
+    cfg: TrainConfig,
+    data: TrainData,
+    runtime: Runtime,
+    output_dir: Path,
+    log: Progress,
+    first_eval: dict[str, float] | None,
+    final_eval: dict[str, float] | None,
+    meter: Throughput,
+    wall: float,
+    n_params: int,
+    flops_tok: float,
+) -> dict[str, Any]:
+    """Export, the closing sample, curves and summary.json (rank 0 returns the summary)."""
     final_dir = output_dir / "final"
     if cfg.export:
-        export_final(engine, tokenizer, final_dir)
-    sample = generate_sample(engine, tokenizer, final_dir if cfg.export else None, cfg)
-
+        export_final(engine, data.tokenizer, final_dir)
+    sample = generate_sample(engine, data.tokenizer, final_dir if cfg.export else None, cfg)
     if not runtime.is_main:
         return {}
     records = read_metrics(output_dir / "metrics.jsonl")
@@ -274,39 +314,17 @@ def run(
         records,
         first_eval,
         final_eval,
-        total_steps,
-        timed_tokens,
-        timed_seconds,
+        data.total_steps,
+        meter.timed_tokens,
+        meter.timed_seconds,
         wall,
         runtime,
         n_params,
         flops_tok,
-        source,
+        data.source,
         output_dir,
-        plan,
+        data.plan,
     )
     write_json(output_dir / "summary.json", summary)
     log.info(summary_line(summary))
     return summary
-
-
-def first_rows(rows: Dataset, limit: int | None) -> Dataset:
-    """--max-train-samples / --max-eval-samples: the first `limit` packed rows."""
-    return rows.select(range(min(limit, len(rows)))) if limit else rows
-
-
-def train_step(
-    engine: TrainEngine, micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float
-) -> tuple[float, float, float]:
-    """One optimizer step over this rank's micro-batches -> (global-batch loss, pre-clip grad norm, lr used).
-
-    Each micro-batch loss is its token-summed CE divided by the target tokens of the whole global batch
-    (`num_items_in_batch`), so the micro-batch losses of all data-parallel ranks add up to the global mean.
-    """
-    runtime = engine.runtime
-    local_targets = sum(count_target_tokens(b) for b in micro_batches)
-    n_targets = int(runtime.all_reduce_sum(torch.tensor(local_targets, dtype=torch.long), "dp").item())
-    step_loss = engine.forward_backward(micro_batches, n_targets)
-    lr = engine.current_lr()  # the rate this step used; step() advances the schedule
-    grad_norm = engine.step(max_grad_norm)
-    return float(runtime.all_reduce_sum(step_loss, "dp")), grad_norm, lr
