@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from overdrive.cli import main
 from overdrive.metrics import read_metrics
@@ -93,3 +94,14 @@ def test_reshard_round_trip_continues_the_curve(micro_config, text_file, tmp_pat
     got = losses(out)
     assert sorted(got) == list(range(1, 9))
     assert_same_curve(reference, got)
+    # the tensor-parallel checkpoint exports to an HF model with the uninterrupted run's weights
+    exported = tmp_path / "exported"
+    assert main(["export", str(out / "checkpoints" / "step-0000008"), str(exported)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    mine = AutoModelForCausalLM.from_pretrained(exported, use_safetensors=True).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(uninterrupted / "final", use_safetensors=True).state_dict()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(
+            mine[name], tensor, rtol=1e-4, atol=1e-5
+        )  # 8 Adam steps of fp32 order noise

@@ -15,13 +15,9 @@ from overdrive.config import TrainConfig
 from overdrive.core.engine import TrainEngine
 from overdrive.core.runtime import Runtime
 from overdrive.data.tokenizer import TOKENIZER_FILES, load_tokenizer, train_bpe
-from overdrive.hub import require_hub
-from overdrive.modeling import (
-    check_attn,
-    check_pretrained_source,
-    load_pretrained,
-    preset_config,
-)
+from overdrive.errors import UsageError
+from overdrive.hub import quiet_logs, require_hub
+from overdrive.modeling import check_attn, check_pretrained_source, load_pretrained, one_line, preset_config
 from overdrive.parallel import Strategy, WeightFill
 from overdrive.parallel.materialize import build_meta_model, load_weights, materialize, meta_reference
 from overdrive.train.optim import make_optimizer, make_scheduler
@@ -79,15 +75,14 @@ def build_model(
     """The model on the meta device and the function that fills its local shards once it is parallelized.
 
     From a config the weights are initialised per module from (seed, module name), so every layout starts
-    from the same full model; a local `--model` directory streams its safetensors into the shards. A hub id,
-    or a tokenizer larger than the checkpoint's vocabulary (the embeddings grow), loads the full model first.
+    from the same full model; `--model` (a local directory, or a hub id downloaded first) streams its
+    safetensors into the shards. A tokenizer larger than the checkpoint's vocabulary (the embeddings grow)
+    loads the full model instead.
     """
     if cfg.model:
-        local = Path(cfg.model).is_dir()
-        config = (
-            AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code) if local else None
-        )
-        if config is None or config.vocab_size < vocab_size:
+        weights_dir = local_weights_dir(cfg.model, cfg.cache_dir)
+        config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=cfg.trust_remote_code)
+        if config.vocab_size < vocab_size:
             model = load_pretrained(
                 cfg.model, cfg.attn_implementation, cfg.dtype, cfg.trust_remote_code, cfg.cache_dir
             )
@@ -96,12 +91,27 @@ def build_model(
             return model, None
         model = build_meta_model(config, cfg.attn_implementation, cfg.dtype)
         reference = meta_reference(model)
-        return model, lambda m: load_weights(m, reference, cfg.model, runtime.device)
+        return model, lambda m: load_weights(m, reference, weights_dir, runtime.device)
     config = preset_config(cfg.model_config or "tiny")
     vocab_size = padded_vocab(vocab_size, runtime.dims.tp)
     model = build_meta_model(config, cfg.attn_implementation, cfg.dtype, vocab_size)
     reference = meta_reference(model)
     return model, lambda m: materialize(m, reference, seed=cfg.seed, device=runtime.device)
+
+
+def local_weights_dir(model: str, cache_dir: str | None) -> str:
+    """A local directory with the model's config and safetensors: `model` itself, or its hub snapshot."""
+    if Path(model).is_dir():
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        with quiet_logs():
+            return snapshot_download(model, allow_patterns=["*.json", "*.safetensors"], cache_dir=cache_dir)
+    except Exception as exc:  # the hub client raises many kinds (offline, not found, gated)
+        raise UsageError(
+            f"could not download model {model!r}: {one_line(exc)}; pass a local directory"
+        ) from None
 
 
 def padded_vocab(vocab_size: int, tensor_parallel: int) -> int:
