@@ -66,3 +66,16 @@ def micro_args(micro_config: Path, text_file: Path, output_dir: Path, *extra: st
         "5",
         *extra,
     ]
+
+
+def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `overdrive ARGV` in-process; it must exit 2 with one `overdrive: error:` line and no traceback."""
+    from overdrive.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("overdrive: error: ")
+    assert "Traceback" not in err
+    return err

@@ -11,17 +11,7 @@ import pytest
 import torch
 
 from overdrive.cli import main
-from tests.conftest import micro_args
-
-
-def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("overdrive: error: ")
-    assert "Traceback" not in err
-    return err
+from tests.conftest import cli_error, micro_args
 
 
 def test_missing_train_file_via_real_cli(tmp_path: Path) -> None:
@@ -65,7 +55,7 @@ def test_missing_train_file_via_real_cli(tmp_path: Path) -> None:
 )
 def test_bad_flags(extra, needle, micro_config, text_file, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    err = run_error(micro_args(micro_config, text_file, out, *extra), capsys)
+    err = cli_error(micro_args(micro_config, text_file, out, *extra), capsys)
     assert needle in err
     assert not out.exists()
 
@@ -73,7 +63,7 @@ def test_bad_flags(extra, needle, micro_config, text_file, tmp_path, capsys) -> 
 def test_empty_train_file(micro_config, tmp_path, capsys) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    err = run_error(micro_args(micro_config, empty, tmp_path / "run"), capsys)
+    err = cli_error(micro_args(micro_config, empty, tmp_path / "run"), capsys)
     assert "is empty" in err
     assert not (tmp_path / "run").exists()
 
@@ -88,41 +78,41 @@ def test_unknown_preset(text_file, tmp_path, capsys) -> None:
         "--output-dir",
         str(tmp_path / "r"),
     ]
-    assert "unknown model config 'gpt-99'" in run_error(argv, capsys)
+    assert "unknown model config 'gpt-99'" in cli_error(argv, capsys)
     assert not (tmp_path / "r").exists()
 
 
 def test_malformed_yaml_and_unknown_key(micro_config, text_file, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: [1,\n")
-    assert "not valid YAML" in run_error(["train", "--config", str(bad)], capsys)
+    assert "not valid YAML" in cli_error(["train", "--config", str(bad)], capsys)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("max_steps: 3\nlearning_rat: 0.1\n")
-    assert "unknown key 'learning_rat'" in run_error(["train", "--config", str(unknown)], capsys)
+    assert "unknown key 'learning_rat'" in cli_error(["train", "--config", str(unknown)], capsys)
     wrong_type = tmp_path / "type.yaml"
     wrong_type.write_text("max_steps: three\n")
-    assert "--max-steps must be a number" in run_error(["train", "--config", str(wrong_type)], capsys)
+    assert "--max-steps must be a number" in cli_error(["train", "--config", str(wrong_type)], capsys)
 
 
 def test_existing_output_dir_needs_overwrite(micro_config, text_file, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    err = run_error(micro_args(micro_config, text_file, out), capsys)
+    err = cli_error(micro_args(micro_config, text_file, out), capsys)
     assert "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_resume_from_missing_or_corrupt_checkpoint(micro_config, text_file, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    err = run_error(micro_args(micro_config, text_file, out, "--resume", str(tmp_path / "nope")), capsys)
+    err = cli_error(micro_args(micro_config, text_file, out, "--resume", str(tmp_path / "nope")), capsys)
     assert "does not exist" in err
-    err = run_error(["train", "--resume", "latest"], capsys)
+    err = cli_error(["train", "--resume", "latest"], capsys)
     assert "--resume latest needs --output-dir" in err
     corrupt = out / "checkpoints" / "step-0000003"
     corrupt.mkdir(parents=True)
     (corrupt / "overdrive-checkpoint.json").write_text("{not json")
-    err = run_error(micro_args(micro_config, text_file, out, "--resume", str(corrupt)), capsys)
+    err = cli_error(micro_args(micro_config, text_file, out, "--resume", str(corrupt)), capsys)
     assert "corrupt" in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
 
@@ -141,7 +131,7 @@ def test_model_dir_with_only_pickle_weights(micro_config, text_file, tmp_path, c
         "--output-dir",
         str(tmp_path / "r"),
     ]
-    err = run_error(argv, capsys)
+    err = cli_error(argv, capsys)
     assert "only pickle weights" in err and "safetensors" in err
     assert not (tmp_path / "r").exists()
 

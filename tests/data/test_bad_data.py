@@ -10,24 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from overdrive.cli import main
 from overdrive.data.sources import load_raw
-from tests.conftest import micro_args
+from tests.conftest import cli_error, micro_args
 
 RECORDS = [{"text": f"sentence number {i} about the weather and the sea", "n": i} for i in range(40)]
 JSONL = "".join(json.dumps(r) + "\n" for r in RECORDS)
 CSV = "text,n\n" + "".join(f"{r['text']},{r['n']}\n" for r in RECORDS)
-
-
-def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI and return its single stderr line, checking exit code 2 and no traceback."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("overdrive: error: ")
-    assert "Traceback" not in err
-    return err
 
 
 # (file name, content, extra flags, phrases the message must hold)
@@ -118,7 +106,7 @@ def test_bad_train_file(case, micro_config, tmp_path, capsys) -> None:
     name, content, extra, phrases = CASES[case]
     data = write(tmp_path / name, content)
     out = tmp_path / "run"
-    err = one_error_line(micro_args(micro_config, data, out, *extra), capsys)
+    err = cli_error(micro_args(micro_config, data, out, *extra), capsys)
     for phrase in phrases:
         assert phrase in err, err
     assert not out.exists()
@@ -133,7 +121,7 @@ def test_bad_validation_file_is_named(case, micro_config, text_file, tmp_path, c
     )
     val = write(tmp_path / name, content)
     out = tmp_path / "run"
-    err = one_error_line(micro_args(micro_config, train, out, "--validation-file", str(val)), capsys)
+    err = cli_error(micro_args(micro_config, train, out, "--validation-file", str(val)), capsys)
     assert f"--validation-file {val}" in err and phrases[0] in err
     assert not out.exists()
 
@@ -141,7 +129,7 @@ def test_bad_validation_file_is_named(case, micro_config, text_file, tmp_path, c
 def test_validation_file_of_another_format(micro_config, text_file, tmp_path, capsys) -> None:
     val = write(tmp_path / "val.jsonl", JSONL)
     out = tmp_path / "run"
-    err = one_error_line(micro_args(micro_config, text_file, out, "--validation-file", str(val)), capsys)
+    err = cli_error(micro_args(micro_config, text_file, out, "--validation-file", str(val)), capsys)
     assert f"--validation-file {val} is json but --train-file {text_file} is text" in err
     assert "one format" in err
     assert not out.exists()
@@ -151,7 +139,7 @@ def test_train_file_is_a_directory(micro_config, tmp_path, capsys) -> None:
     folder = tmp_path / "corpus"
     folder.mkdir()
     out = tmp_path / "run"
-    err = one_error_line(micro_args(micro_config, folder, out), capsys)
+    err = cli_error(micro_args(micro_config, folder, out), capsys)
     assert f"--train-file {folder} is a directory; pass a data file" in err
     assert not out.exists()
 
@@ -162,7 +150,7 @@ def test_unreadable_train_file(micro_config, text_file, tmp_path, capsys) -> Non
     locked.chmod(0)
     out = tmp_path / "run"
     try:
-        err = one_error_line(micro_args(micro_config, locked, out), capsys)
+        err = cli_error(micro_args(micro_config, locked, out), capsys)
     finally:
         locked.chmod(0o644)
     assert "cannot be read (permission denied)" in err and "chmod" in err
@@ -181,7 +169,7 @@ def test_permission_denied_is_one_line_even_as_root(micro_config, text_file, tmp
 
     monkeypatch.setattr(Path, "open", deny)
     out = tmp_path / "run"
-    err = one_error_line(micro_args(micro_config, locked, out), capsys)
+    err = cli_error(micro_args(micro_config, locked, out), capsys)
     assert f"--train-file {locked} cannot be read (permission denied)" in err
     assert not out.exists()
 
