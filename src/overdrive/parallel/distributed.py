@@ -159,6 +159,29 @@ def backend_name() -> str:
     return "nccl" if "nccl" in name else "gloo"
 
 
+FINISHED_KEY = "overdrive/finished"
+FINISH_WAIT = datetime.timedelta(hours=6)  # rank 0 may still be exporting and sampling a large model
+
+
+def leave_together(runtime: Runtime) -> None:
+    """After a good run, the other ranks wait until rank 0 is done before tearing their groups down.
+
+    Rank 0 writes the export and the sample alone after the last collective; a rank that destroys its gloo
+    groups meanwhile was seen to abort (SIGABRT, "terminate called without an active exception"). The wait
+    goes through the rendezvous store, not a collective, so it has no process-group timeout; if rank 0 dies
+    instead, the launcher ends this rank.
+    """
+    import torch.distributed as dist
+
+    if runtime.world_size == 1 or not dist.is_initialized():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    if runtime.is_main:
+        store.set(FINISHED_KEY, "1")
+    else:
+        store.wait([FINISHED_KEY], FINISH_WAIT)
+
+
 def shutdown() -> None:
     """Destroy the process group; without it some backends abort the process at exit after a good run."""
     import torch.distributed as dist

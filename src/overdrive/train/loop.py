@@ -33,7 +33,7 @@ from overdrive.metrics import (
 )
 from overdrive.modeling import count_parameters
 from overdrive.parallel import Strategy
-from overdrive.parallel.distributed import guard, init_runtime, launch_env, shutdown
+from overdrive.parallel.distributed import guard, init_runtime, launch_env, leave_together, shutdown
 from overdrive.tracking import open_trackers, parse_report_to
 from overdrive.train import checkpoint
 from overdrive.train.build import (
@@ -66,8 +66,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_model_source(cfg, strategy.tp_degree(world))
     runtime = init_runtime(strategy)
     try:
-        with guard(runtime), contextlib.ExitStack() as cleanup:
-            return run(cfg, strategy, runtime, output_dir, resume_from, cleanup)
+        with guard(runtime):
+            with contextlib.ExitStack() as cleanup:
+                summary = run(cfg, strategy, runtime, output_dir, resume_from, cleanup)
+            leave_together(runtime)
+            return summary
     finally:
         shutdown()
 
