@@ -136,16 +136,16 @@ def parallelize(
     return result
 
 
+@dataclasses.dataclass
 class Parallelized:
     """What `parallelize` produced: the module the loop calls, the HF module, and the hooks the engine needs."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.wrapper: nn.Module = module
-        self.gradient_sync: Any = None
-        self.loss_context: Any = None
-        self.applied: list[str] = []
-        self.notes: list[str] = []
+    module: nn.Module
+    wrapper: Any = None  # DDP wrapper, or `module` itself
+    gradient_sync: Any = None
+    loss_context: Any = None
+    applied: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def apply_kernels(model: nn.Module, strategy: Strategy) -> None:

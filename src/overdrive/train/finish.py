@@ -140,8 +140,6 @@ def versions() -> dict[str, str]:
 def build_summary(
     cfg: TrainConfig,
     records: list[dict[str, Any]],
-    first_eval: dict[str, float] | None,
-    final_eval: dict[str, float] | None,
     total_steps: int,
     timed_tokens: int,
     timed_seconds: float,
@@ -154,10 +152,10 @@ def build_summary(
     plan: BatchPlan,
 ) -> dict[str, Any]:
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    if evals:  # a resumed run's first eval is the original run's, at its first step
-        first = min(evals, key=lambda r: r["step"])
-        first_eval = {"eval_loss": first["eval_loss"], "eval_perplexity": first["eval_perplexity"]}
+    # metrics.jsonl is the record: a resumed run's first eval is the original run's, at its first step
+    evals = sorted((r for r in records if "eval_loss" in r), key=lambda r: r["step"])
+    first_eval = evals[0] if evals else None
+    final_eval = evals[-1] if evals and evals[-1]["step"] == total_steps else None
     tps = timed_tokens / timed_seconds if timed_seconds > 0 else None
     return {
         "steps": total_steps,

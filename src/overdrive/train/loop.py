@@ -115,7 +115,8 @@ def run(
         return result
 
     # at the start, not again when resuming a finished run (its final eval follows)
-    first_eval = evaluate_at(start_step) if start_step < data.total_steps else None
+    if start_step < data.total_steps:
+        evaluate_at(start_step)
     meter = Throughput(warmup=2 if strategy.compile else 1, start_step=start_step)
     tokens_per_step = cfg.global_batch_size * cfg.block_size
     started = time.perf_counter()
@@ -145,14 +146,12 @@ def run(
     log.close()
     wall = time.perf_counter() - started
 
-    final_eval = evaluate_at(data.total_steps)
+    evaluate_at(data.total_steps)
     if cfg.save_steps and start_step < data.total_steps:
         save(engine, cfg, output_dir, data.total_steps)
     if writer:
         writer.close()
-    return finish(
-        engine, cfg, data, runtime, output_dir, log, first_eval, final_eval, meter, wall, n_params, flops_tok
-    )
+    return finish(engine, cfg, data, runtime, output_dir, log, meter, wall, n_params, flops_tok)
 
 
 def start_or_resume(
@@ -293,8 +292,6 @@ def finish(
     runtime: Runtime,
     output_dir: Path,
     log: Progress,
-    first_eval: dict[str, float] | None,
-    final_eval: dict[str, float] | None,
     meter: Throughput,
     wall: float,
     n_params: int,
@@ -315,8 +312,6 @@ def finish(
     summary = build_summary(
         cfg,
         records,
-        first_eval,
-        final_eval,
         data.total_steps,
         meter.timed_tokens,
         meter.timed_seconds,
