@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="directory to create")
     export.add_argument("--tokenizer", help="tokenizer to copy (default: the run's OUTPUT/tokenizer)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    export.add_argument("--merge", action="store_true", help="LoRA checkpoints: fold the adapters into the base")
 
     from overdrive.bench.cli import add_bench_parser
 
@@ -122,7 +123,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already exists and is not empty; pass --overwrite or another directory")
     tokenizer = load_export_tokenizer(args.tokenizer, run_dir_of(checkpoint) / "tokenizer")
     with staged_dir(out) as tmp:
-        export_hf(checkpoint, tmp)
+        export_hf(checkpoint, tmp, merge=args.merge, location=out)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     print(f"exported {checkpoint} -> {out}" + ("" if tokenizer is not None else " (no tokenizer found)"))

@@ -19,9 +19,12 @@ from overdrive.errors import UsageError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Packing = Literal["concat", "documents"]
+DataFormat = Literal["text", "prompt-completion", "chat"]
 Scheduler = Literal["cosine", "linear", "constant"]
 AttnImpl = Literal["eager", "sdpa", "flash_attention_2"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+OptimizerName = Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "galore-adamw", "adafactor", "sgd"]
+GaloreProj = Literal["std", "reverse_std", "right", "left", "full"]
 
 
 @dataclass
@@ -43,6 +46,20 @@ class TrainConfig:
     cache_dir: str | None = field(
         default=None, metadata={"help": "where downloaded models and datasets are cached (default: HF's)"}
     )
+    # adapters (peft): overdrive.parallel.adapters
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank; unset: train every weight"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)"})
+    lora_target: str = field(
+        default="all-linear", metadata={"help": "all-linear or module names, e.g. q_proj,v_proj"}
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: LoRA with a learned magnitude"})
+    modules_to_save: str | None = field(
+        default=None, metadata={"help": "modules trained fully beside LoRA, e.g. lm_head,embed_tokens"}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: base linear layers in NF4 (bitsandbytes)"}
+    )
     # data
     dataset: str | None = field(default=None, metadata={"help": "datasets hub name"})
     dataset_config: str | None = field(default=None, metadata={"help": "datasets config name"})
@@ -53,6 +70,13 @@ class TrainConfig:
     block_size: int = field(default=256, metadata={"help": "tokens per training row"})
     packing: Packing = field(
         default="concat", metadata={"help": "concat (run_clm) or documents (no attention across docs)"}
+    )
+    data_format: DataFormat = field(
+        default="text",
+        metadata={"help": "text, prompt-completion ('prompt'/'completion' columns) or chat ('messages')"},
+    )
+    train_on_prompt: bool = field(
+        default=False, metadata={"help": "instruction data: loss on prompts too (default: completions only)"}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "cap on training rows"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluation rows"})
@@ -70,6 +94,20 @@ class TrainConfig:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1, in [0, 1)"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2, in [0, 1)"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon, > 0"})
+    optimizer: OptimizerName = field(
+        default="adamw", metadata={"help": "adamw, adamw-8bit, paged-adamw-8bit, galore-adamw, adafactor or sgd"}
+    )
+    sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum, in [0, 1)"})
+    galore_rank: int = field(default=128, metadata={"help": "GaLore projection rank"})
+    galore_update_gap: int = field(default=200, metadata={"help": "steps between GaLore projection updates"})
+    galore_scale: float = field(default=0.25, metadata={"help": "GaLore update scale, > 0"})
+    galore_proj_type: GaloreProj = field(default="std", metadata={"help": "GaLore projection side"})
+    galore_target: str = field(
+        default="attn,mlp", metadata={"help": "linear layers GaLore projects: parts of module names, comma list"}
+    )
+    neftune_noise_alpha: float | None = field(
+        default=None, metadata={"help": "NEFTune embedding noise alpha in training (0 or unset: off)"}
+    )
     lr_scheduler: Scheduler = field(default="cosine", metadata={"help": "cosine, linear or constant"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of steps"})
@@ -126,8 +164,16 @@ MAX_VOCAB = 2**20
 MAX_SEED = 2**32
 MAX_INT = 2**63 - 1  # everything below ends up in int64 tensors or counters
 
-POSITIVE_INTS = ("block_size", "micro_batch_size", "global_batch_size", "logging_steps")
+POSITIVE_INTS = (
+    "block_size",
+    "micro_batch_size",
+    "global_batch_size",
+    "logging_steps",
+    "galore_rank",
+    "galore_update_gap",
+)
 OPTIONAL_POSITIVE_INTS = (
+    "lora_r",
     "max_steps",
     "eval_steps",
     "save_steps",
@@ -149,6 +195,10 @@ FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "warmup_ratio": (0.0, True, 1.0, False),
     "min_lr_ratio": (0.0, True, 1.0, True),
     "max_grad_norm": (0.0, True, math.inf, False),
+    "lora_alpha": (0.0, False, math.inf, False),
+    "lora_dropout": (0.0, True, 1.0, False),
+    "sgd_momentum": (0.0, True, 1.0, False),
+    "galore_scale": (0.0, False, math.inf, False),
 }
 # name: (low, high) inclusive, and how the message says it
 INT_RANGES: dict[str, tuple[int, int, str]] = {
@@ -299,6 +349,8 @@ def check_ranges(cfg: TrainConfig) -> None:
         _check_int(name, getattr(cfg, name), low, high, meaning)
     for name, bounds in FLOAT_RANGES.items():
         _check_float(name, getattr(cfg, name), *bounds)
+    if cfg.neftune_noise_alpha is not None:
+        _check_float("neftune_noise_alpha", cfg.neftune_noise_alpha, 0.0, True, math.inf, False)
 
 
 def _check_int(name: str, value: int, low: int, high: int, meaning: str) -> None:
@@ -380,11 +432,50 @@ def check_relations(cfg: TrainConfig) -> None:
         raise UsageError("--model and --model-config are exclusive; pass one (fine-tune or from scratch)")
     if cfg.dataset and cfg.train_file:
         raise UsageError("--dataset and --train-file are exclusive; pass one data source")
+    check_data_format(cfg)
     check_batch(cfg)
+    check_optimizer_options(cfg)
     if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         raise UsageError(f"--cache-dir {cfg.cache_dir} is a file; pass a directory")
     if cfg.report_to is not None:
         check_report_to(cfg.report_to)
+
+
+def check_optimizer_options(cfg: TrainConfig) -> None:
+    """GaLore options only with --optimizer galore-adamw; optimizers the strategy cannot run fail now."""
+    defaults = TrainConfig()
+    if cfg.optimizer != "galore-adamw":
+        for name in ("galore_rank", "galore_update_gap", "galore_scale", "galore_proj_type", "galore_target"):
+            if getattr(cfg, name) != getattr(defaults, name):
+                raise UsageError(
+                    f"{flag_name(name)} applies to --optimizer galore-adamw only; pass that or drop the flag"
+                )
+    elif not any(t.strip() for t in cfg.galore_target.split(",")):
+        raise UsageError("--galore-target is empty; name linear layers, e.g. attn,mlp")
+    from overdrive.parallel.strategy import Strategy
+    from overdrive.train.optim import check_optimizer
+
+    check_optimizer(cfg, Strategy.from_name_or_path(cfg.strategy))
+
+
+def check_data_format(cfg: TrainConfig) -> None:
+    """Instruction data comes as rows (JSON Lines, JSON, Parquet, CSV or a hub dataset), never plain text."""
+    fmt = cfg.data_format
+    if fmt == "text":
+        if cfg.train_on_prompt:
+            raise UsageError("--train-on-prompt applies to instruction data; add --data-format prompt-completion/chat")
+        return
+    columns = "'messages' column" if fmt == "chat" else "'prompt' and 'completion' columns"
+    if cfg.text_column is not None:
+        raise UsageError(f"--text-column does not apply to --data-format {fmt} (it reads the {columns}); drop it")
+    if not cfg.train_file and not cfg.dataset:
+        raise UsageError(f"--data-format {fmt} needs --train-file or --dataset with a {columns}")
+    for flag, path in (("--train-file", cfg.train_file), ("--validation-file", cfg.validation_file)):
+        if path and Path(path).suffix.lower() in (".txt", ".text"):
+            raise UsageError(
+                f"{flag} {path} is plain text, but --data-format {fmt} reads rows with a {columns}; "
+                "pass a .jsonl, .json or .parquet file, or drop --data-format"
+            )
 
 
 def check_report_to(value: str) -> None:

@@ -50,6 +50,8 @@ SAME_MEANING: dict[str, str] = {
     "save_total_limit": "save_total_limit",
     "output_dir": "output_dir",
 }
+# other tools' names for a native flag, accepted in both spellings (TRL's SFTConfig: the training row length)
+OTHER_NAMES: dict[str, str] = {"max_seq_length": "block_size"}
 # HF booleans taking an optional value (`--bf16`, `--bf16 true`, `--bf16=0`) -> overdrive field
 BOOL_FLAGS: dict[str, str] = {
     "trust_remote_code": "trust_remote_code",
@@ -102,6 +104,7 @@ def aliases_for(field_name: str) -> list[str]:
     """The run_clm spellings that are plain extra names of the native flag `field_name`."""
     native = "--" + field_name.replace("_", "-")
     found = ["--" + hf for hf, target in SAME_MEANING.items() if target == field_name]
+    found += [f"--{s}" for n, t in OTHER_NAMES.items() if t == field_name for s in (n.replace("_", "-"), n)]
     return [a for a in found if a != native]
 
 

@@ -225,7 +225,7 @@ def test_describe_is_one_line() -> None:
 
 
 def test_parallelize_runs_in_the_documented_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kernels, tensor parallel, recompute, compile, data parallel; only the steps switched on."""
+    """kernels, (adapters, fp8,) tensor parallel, recompute, compile, data parallel; only the steps switched on."""
     import overdrive.kernels.compile as compile_module
     import overdrive.parallel as parallel
     import overdrive.parallel.data as data
@@ -259,7 +259,7 @@ def test_parallelize_runs_in_the_documented_order(monkeypatch: pytest.MonkeyPatc
     result = parallel.parallelize(model, tp_ac, runtime)
     assert [c[0] for c in calls] == ["tp", "ac", "dp"] and "compile skipped" in result.notes[0]
     assert list(parallel.PARALLELIZE_ORDER) == [
-        "kernels", "tensor_parallel", "activation_checkpointing", "compile", "data_parallel",
+        "kernels", "adapters", "fp8", "tensor_parallel", "activation_checkpointing", "compile", "data_parallel",
     ]  # fmt: skip
     calls.clear()
     assert parallel.parallelize(model, Strategy(activation_checkpointing="full"), runtime).applied == [

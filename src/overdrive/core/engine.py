@@ -83,9 +83,13 @@ class MicroBatchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    # Entered around each micro-batch's forward and backward (set from `Parallelized.loss_context`): tensor
+    # parallelism's loss on vocab shards, activation offload to host memory; None enters nothing.
+    context_factory: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+
     def loss_context(self) -> contextlib.AbstractContextManager[None]:
         """Around forward and backward: tensor parallelism computes the loss on vocab shards here."""
-        return contextlib.nullcontext()
+        return self.context_factory() if self.context_factory else contextlib.nullcontext()
 
     def forward_backward(self, micro_batches: Sequence[Batch], num_items: int) -> torch.Tensor:
         device = self.runtime.device
@@ -98,6 +102,7 @@ class MicroBatchEngine:
                 self.backward(loss * self.runtime.dp_size)
             total += local_value(loss.detach()).float()
         return total
+
 
 
 def local_value(loss: torch.Tensor) -> torch.Tensor:

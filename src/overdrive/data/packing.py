@@ -4,11 +4,13 @@
 tail of each map batch dropped. `documents` cuts the same stream but keeps the document structure: position
 ids restart at 0 where a document starts (and at each row start), and the label of a document's first token is
 ignored, so no prediction crosses a boundary. HF attention (sdpa/eager masks, flash varlen) reads the restart
-points from `position_ids` and never attends across documents.
+points from `position_ids` and never attends across documents. Instruction examples are never cut:
+`pack_examples` lays whole examples into padded rows (see overdrive.data.instruction).
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import numpy as np
@@ -55,6 +57,46 @@ def chunk_documents(docs: list[list[int]], block_size: int) -> dict[str, list[li
     positions = col - last_start
     labels = np.where(is_start, IGNORE_INDEX, ids)
     return {"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions.tolist()}
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `capacity` tokens: longest first, each into the fullest bin it fits."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(bins) - 1))
+            continue
+        room, b = free.pop(at)
+        bins[b].append(i)
+        bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def pack_examples(
+    ids: list[list[int]], labels: list[list[int]], block_size: int, pad_id: int, packing: str
+) -> dict[str, list[list[int]]]:
+    """Whole examples (each at most `block_size` tokens, labels already masked) -> padded rows.
+
+    `concat`: one example per row (instruction examples are never run together). `documents`: examples
+    packed by best-fit decreasing, position ids restarting at each example and at the padding, so attention
+    never crosses examples; the padding is never a target.
+    """
+    groups = best_fit_decreasing([len(x) for x in ids], block_size) if packing == "documents" else None
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    if groups is None:
+        groups = [[i] for i in range(len(ids))]
+    else:
+        out["position_ids"] = []
+    for group in groups:
+        pad = block_size - sum(len(ids[i]) for i in group)
+        out["input_ids"].append([t for i in group for t in ids[i]] + [pad_id] * pad)
+        out["labels"].append([t for i in group for t in labels[i]] + [IGNORE_INDEX] * pad)
+        if "position_ids" in out:
+            out["position_ids"].append([p for i in group for p in range(len(ids[i]))] + list(range(pad)))
+    return out
 
 
 def build_lm_datasets(

@@ -108,8 +108,11 @@ def load_raw(
     validation_split_percentage: int,
     seed: int,
     cache_dir: str | None = None,
+    data_format: str = "text",
 ) -> tuple[DatasetDict, str, str]:
-    """Return (datasets with train and validation, the text column, a name for the source)."""
+    """Return (datasets with train and validation, the text column, a name for the source).
+
+    Instruction data (`data_format` prompt-completion or chat) returns the first column its format reads."""
     if train_file:
         raw = load_files(train_file, validation_file, cache_dir)
         source = str(Path(train_file))
@@ -124,18 +127,29 @@ def load_raw(
 
     if "train" not in raw:
         raise UsageError(f"{source} has no 'train' split; pass a dataset with one")
-    check_single_record(raw["train"], source)
-    column = resolve_text_column(raw["train"].features, text_column, source)
     raw = DatasetDict({name: split for name, split in raw.items() if name in ("train", "validation")})
-    if "validation" in raw and column not in raw["validation"].column_names:
-        raise UsageError(f"validation data has no column '{column}'; make both files use the same columns")
-    for name, split in raw.items():
-        check_text_column(split, column, source if name == "train" else f"the {name} data")
+    if data_format == "text":
+        column = check_text_splits(raw, text_column, source)
+    else:
+        from overdrive.data.instruction import check_columns
+
+        for name, split in raw.items():
+            column = check_columns(split, data_format, source if name == "train" else f"the {name} data")
     if len(raw["train"]) == 0:
         raise UsageError(f"{source} has no training rows; pass data with text in it")
     if "validation" not in raw and validation_split_percentage > 0:
         raw = hold_out(raw["train"], validation_split_percentage, seed, source)
     return raw, column, source
+
+
+def check_text_splits(raw: DatasetDict, text_column: str | None, source: str) -> str:
+    check_single_record(raw["train"], source)
+    column = resolve_text_column(raw["train"].features, text_column, source)
+    if "validation" in raw and column not in raw["validation"].column_names:
+        raise UsageError(f"validation data has no column '{column}'; make both files use the same columns")
+    for name, split in raw.items():
+        check_text_column(split, column, source if name == "train" else f"the {name} data")
+    return column
 
 
 def hold_out(train: Dataset, percentage: int, seed: int, source: str) -> DatasetDict:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from overdrive.core.engine import OptimizerFactory, SchedulerFactory, TrainEngine
     from overdrive.core.runtime import Runtime
+    from overdrive.parallel.adapters import AdapterSpec
 
 __all__ = [
     "PARALLELIZE_ORDER",
@@ -50,6 +51,8 @@ __all__ = [
 # parameter storage (FSDP2 shards the tensor-parallel DTensors again) and its hooks run around everything.
 PARALLELIZE_ORDER: tuple[str, ...] = (
     "kernels",
+    "adapters",  # peft LoRA/DoRA/QLoRA (overdrive.parallel.adapters): kernels stay on the frozen base
+    "fp8",  # torchao float8 linears: swaps nn.Linear classes, so before tensor parallelism and compile
     "tensor_parallel",
     "activation_checkpointing",
     "compile",
@@ -82,7 +85,11 @@ def __getattr__(name: str) -> Any:
 
 
 def parallelize(
-    model: nn.Module, strategy: Strategy, runtime: Runtime, fill: WeightFill | None = None
+    model: nn.Module,
+    strategy: Strategy,
+    runtime: Runtime,
+    fill: WeightFill | None = None,
+    adapters: AdapterSpec | None = None,
 ) -> Parallelized:
     """Apply PARALLELIZE_ORDER to `model` in place; every step is one small function in its own module.
 
@@ -92,9 +99,21 @@ def parallelize(
     from overdrive.parallel.data import apply_data_parallel
 
     result = Parallelized(module=model)
+    if strategy.fp8:
+        from overdrive.parallel.fp8 import apply_fp8, check_fp8
+
+        check_fp8(runtime.device, strategy.tensor_parallel)  # one line before anything runs, not mid-step
     if strategy.kernels:
         apply_kernels(model, strategy)
         result.applied.append("kernels")
+    if adapters is not None:
+        from overdrive.parallel.adapters import apply_adapters
+
+        fill = apply_adapters(model, adapters, fill, runtime)
+        result.applied.append("adapters")
+    if strategy.fp8:  # swaps nn.Linear classes like the kernels do: before tensor parallelism and compile
+        result.notes.append(f"fp8: {apply_fp8(model)} linear layers train in float8 (torchao)")
+        result.applied.append("fp8")
     if strategy.tensor_parallel != 1:
         from overdrive.parallel.tensor import apply_tensor_parallel, tp_loss_context
 
@@ -105,11 +124,18 @@ def parallelize(
         result.loss_context = lambda: tp_loss_context(model)
         result.applied.append("tensor_parallel")
     if strategy.activation_checkpointing != "none":
-        from overdrive.parallel.recompute import apply_activation_checkpointing
+        from overdrive.parallel.recompute import apply_activation_checkpointing, apply_selective_checkpointing
 
         every = strategy.ac_every if strategy.activation_checkpointing == "every_k" else 1
-        apply_activation_checkpointing(model, every)
+        if strategy.activation_checkpointing == "selective":
+            apply_selective_checkpointing(model)
+        else:
+            apply_activation_checkpointing(model, every)
         result.applied.append("activation_checkpointing")
+    if strategy.activation_offload:
+        from overdrive.parallel.offload import with_activation_offload
+
+        result.loss_context = with_activation_offload(result.loss_context, runtime.device)
     skip_compile = None
     if strategy.compile and strategy.tensor_parallel != 1:
         from overdrive.parallel.tensor import compile_compatible_with_tp
@@ -174,6 +200,7 @@ def build_engine(
     micro_batch_size: int | None = None,
     grad_scaler: Any = None,
     fill: WeightFill | None = None,
+    adapters: AdapterSpec | None = None,
 ) -> TrainEngine:
     """Parallelize `model` for `strategy` and put it behind the engine protocol.
 
@@ -193,8 +220,10 @@ def build_engine(
         from overdrive.parallel.deepspeed_engine import DeepSpeedEngine
 
         # DeepSpeed owns its wrapper: the transforms before data parallelism run here, DeepSpeed does the rest.
-        parallelize(model, dataclasses.replace(strategy, data_parallel="none"), runtime, fill)
-        return DeepSpeedEngine(
+        result = parallelize(
+            model, dataclasses.replace(strategy, data_parallel="none"), runtime, fill, adapters
+        )
+        engine = DeepSpeedEngine(
             model,
             runtime,
             strategy,
@@ -204,9 +233,11 @@ def build_engine(
             precision,
             micro_batch_size,
         )
+        engine.context_factory = result.loss_context  # activation offload around forward and backward
+        return engine
     from overdrive.parallel.engine import TorchEngine
 
-    result = parallelize(model, strategy, runtime, fill)
+    result = parallelize(model, strategy, runtime, fill, adapters)
     return TorchEngine(
         result.wrapper,
         result.module,

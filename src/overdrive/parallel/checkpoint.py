@@ -162,6 +162,9 @@ def save_checkpoint(engine: Any, directory: str | Path, extra: dict[str, Any] | 
         if config is not None and hasattr(config, "to_json_file"):
             (partial / "hf").mkdir(exist_ok=True)
             config.to_json_file(str(partial / "hf" / "config.json"))
+            from overdrive.parallel.adapter_outputs import save_adapter_config
+
+            save_adapter_config(engine.unwrapped_model(), partial / "hf")  # LoRA runs: adapter_config.json
         strategy = getattr(engine, "strategy", None)
         meta = {
             "version": FORMAT_VERSION,
@@ -326,15 +329,24 @@ def _check_deepspeed_compatible(engine: Any, meta: dict[str, Any], path: Path) -
 # ---------------------------------------------------------------- HF export
 
 
-def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+def export_hf(
+    checkpoint_dir: str | Path, out_dir: str | Path, merge: bool = False, location: str | Path | None = None
+) -> Path:
     """Write `out_dir/model.safetensors` (+ config.json) from any overdrive checkpoint, in one process.
 
-    Only the model tensors are read (not the optimizer), with safetensors / weights_only loading.
+    Only the model tensors are read (not the optimizer), with safetensors / weights_only loading. A LoRA
+    checkpoint exports its peft adapter and base, or with `merge` one model with the adapters folded in;
+    `location` is where `out_dir` ends up (the adapter config names its base by absolute path).
     """
     from safetensors.torch import save_file
 
+    from overdrive.parallel.adapter_outputs import ADAPTER_CONFIG, export_adapter_checkpoint
+
     src = Path(checkpoint_dir)
     meta = read_meta(src)
+    adapters = (src / "hf" / ADAPTER_CONFIG).is_file()
+    if merge and not adapters:
+        raise UsageError(f"--merge folds LoRA adapters into the base, and {src} has none; drop --merge")
     if meta["format"] == "dcp":
         weights = _dcp_model_tensors(src / "dcp")
     elif meta["format"] == "deepspeed":
@@ -347,6 +359,9 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         weights = load_file(str(src / "model.safetensors"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if adapters:
+        export_adapter_checkpoint(weights, src / "hf", out, Path(location or out), merge)
+        return out
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = src / "hf" / "config.json"

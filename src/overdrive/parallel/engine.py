@@ -51,14 +51,11 @@ class TorchEngine(MicroBatchEngine):
         self.scheduler = make_scheduler(self.optimizer)
         self.scaler = grad_scaler
         self._gradient_sync = gradient_sync
-        self._loss_context = loss_context
+        self.context_factory = loss_context
         self.checkpoint_format = "dcp" if runtime.mesh is not None else "local"
 
     def sync_gradients(self, enabled: bool) -> contextlib.AbstractContextManager[None]:
         return self._gradient_sync(enabled) if self._gradient_sync else contextlib.nullcontext()
-
-    def loss_context(self) -> contextlib.AbstractContextManager[None]:
-        return self._loss_context() if self._loss_context else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -89,7 +86,12 @@ class TorchEngine(MicroBatchEngine):
             return
         from safetensors.torch import save_model
 
-        save_model(self.module, str(Path(directory) / "model.safetensors"))
+        from overdrive.parallel.adapters import is_quantized, save_trainable
+
+        if is_quantized(self.module):  # QLoRA: the fill rebuilds the NF4 base; the adapters are the state
+            save_trainable(self.module, Path(directory) / "model.safetensors")
+        else:
+            save_model(self.module, str(Path(directory) / "model.safetensors"))
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
@@ -103,7 +105,12 @@ class TorchEngine(MicroBatchEngine):
             return
         from safetensors.torch import load_model
 
-        load_model(self.module, str(Path(directory) / "model.safetensors"))
+        from overdrive.parallel.adapters import is_quantized, load_trainable
+
+        if is_quantized(self.module):
+            load_trainable(self.module, Path(directory) / "model.safetensors")
+        else:
+            load_model(self.module, str(Path(directory) / "model.safetensors"))
         state = torch.load(Path(directory) / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -41,6 +41,9 @@ INDEX_FILE = "model.safetensors.index.json"
 # Keys old checkpoints carry that current models compute (HF drops them the same way when loading).
 ALWAYS_IGNORED = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")
 WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+# peft adapters (overdrive.parallel.adapters) put the base tensors one level down; adapter tensors are
+# filled by adapters.fill_adapters, not from the base weights
+ADAPTER_BASE_PARTS = ("base_layer.", "original_module.")
 
 
 def build_meta_model(
@@ -200,12 +203,14 @@ def _allocate(model: nn.Module, device: torch.device | str) -> dict[str, torch.T
         source = model.get_submodule(owner_path)
         store = "_parameters" if canonical_attr in source._parameters else "_buffers"
         getattr(model.get_submodule(parent), store)[attr] = getattr(source, store)[canonical_attr]
-    return {_unwrapped_name(name): tensor for name, tensor in _named_tensors(model)}
+    from overdrive.parallel.adapters import is_adapter_tensor
+
+    return {_unwrapped_name(n): t for n, t in _named_tensors(model) if not is_adapter_tensor(n)}
 
 
 def _unwrapped_name(name: str) -> str:
-    """The name without the path parts that wrappers insert (checkpoint_wrapper, torch.compile, FSDP1)."""
-    for part in WRAPPER_PARTS:
+    """The name without the path parts that wrappers insert (checkpoint_wrapper, torch.compile, FSDP1, peft)."""
+    for part in WRAPPER_PARTS + ADAPTER_BASE_PARTS:
         name = name.replace(part, "")
     return name
 

@@ -25,7 +25,7 @@ DataParallel = Literal["none", "ddp", "fsdp", "hsdp"]
 EngineKind = Literal["torch", "deepspeed"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Dtype = Literal["fp32", "bf16"]
-ActivationCheckpointing = Literal["none", "full", "every_k"]
+ActivationCheckpointing = Literal["none", "full", "selective", "every_k"]
 
 PRESETS: tuple[str, ...] = (
     "single",
@@ -59,6 +59,8 @@ class Strategy:
     reduce_dtype: Dtype = "fp32"  # dtype gradients are reduced in across ranks
     activation_checkpointing: ActivationCheckpointing = "none"
     ac_every: int = 1  # with every_k: recompute decoder layers 0, k, 2k, ... (counted from 0)
+    activation_offload: bool = False  # keep saved activations in host memory (save_on_cpu) until backward
+    fp8: bool = False  # fp8 linear layers (torchao float8 training; CUDA compute capability >= 8.9)
     compile: bool = False  # torch.compile each decoder layer (in place, parameter names unchanged)
     kernels: bool = False  # swap in overdrive's fused kernels before anything else
     micro_batch_size: int | None = None  # rows per forward pass; None: the run config decides
@@ -174,6 +176,10 @@ class Strategy:
         if self.activation_checkpointing != "none":
             every = f" every {self.ac_every}" if self.activation_checkpointing == "every_k" else ""
             parts.append(f"AC {self.activation_checkpointing}{every}")
+        if self.activation_offload:
+            parts.append("activation offload")
+        if self.fp8:
+            parts.append("fp8")
         if self.compile:
             parts.append("compile")
         if self.kernels:
@@ -328,6 +334,10 @@ def _first_problem(s: Strategy, world_size: int) -> str | None:
         return f"ac_every must be at least 1, got {s.ac_every}"
     if s.activation_checkpointing != "every_k" and s.ac_every != 1:
         return "ac_every applies to activation_checkpointing: every_k only"
+    if s.fp8 and s.engine == "deepspeed":
+        return "fp8 works with engine torch (single, ddp, fsdp); drop fp8 or use data_parallel: fsdp"
+    if s.fp8 and importlib.util.find_spec("torchao") is None:
+        return "fp8 needs torchao and a CUDA GPU with fp8 (compute capability 8.9+); pip install 'overdrive[gpu]'"
     for name in ("micro_batch_size", "grad_accumulation"):
         value = getattr(s, name)
         if value is not None and value < 1:

@@ -19,8 +19,10 @@ from overdrive.errors import UsageError
 from overdrive.hub import quiet_logs, require_hub
 from overdrive.modeling import check_attn, check_pretrained_source, load_pretrained, one_line, preset_config
 from overdrive.parallel import Strategy, WeightFill
+from overdrive.parallel.adapters import adapter_spec
 from overdrive.parallel.materialize import build_meta_model, load_weights, materialize, meta_reference
-from overdrive.train.optim import make_optimizer, make_scheduler
+from overdrive.train.neftune import apply_neftune
+from overdrive.train.optim import check_optimizer, make_optimizer, make_scheduler
 
 
 def check_model_source(cfg: TrainConfig, tensor_parallel: int = 1) -> None:
@@ -33,6 +35,9 @@ def check_model_source(cfg: TrainConfig, tensor_parallel: int = 1) -> None:
         config = preset_config(cfg.model_config or "tiny")
         config.vocab_size = padded_vocab(cfg.vocab_size, tensor_parallel)
         check_attn(cfg.attn_implementation)
+    from overdrive.parallel.adapters import check_adapters
+
+    check_adapters(cfg, resolve_strategy(cfg), config)
     if config is not None and tensor_parallel > 1:
         from overdrive.parallel.tensor import check_tensor_parallel
 
@@ -146,8 +151,9 @@ def build_engine(
     """The model parallelized for the strategy behind the engine protocol, with the run's optimizer."""
     from overdrive.parallel import build_engine as build_parallel_engine
 
+    check_optimizer(cfg, strategy)
     scaler = torch.amp.GradScaler(runtime.device.type) if cfg.precision == "fp16" else None
-    return build_parallel_engine(
+    engine = build_parallel_engine(
         model,
         strategy,
         runtime,
@@ -158,7 +164,10 @@ def build_engine(
         micro_batch_size=micro_batch_size,
         grad_scaler=scaler,
         fill=fill,
+        adapters=adapter_spec(cfg),
     )
+    apply_neftune(engine.unwrapped_model(), cfg.neftune_noise_alpha)  # after the layout's own hooks
+    return engine
 
 
 def share_tokenizer(tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> PreTrainedTokenizerBase:

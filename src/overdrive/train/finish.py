@@ -18,6 +18,7 @@ from overdrive.core.engine import TrainEngine, autocast, local_value
 from overdrive.core.runtime import Runtime
 from overdrive.data.loader import BatchPlan, collate, count_target_tokens
 from overdrive.metrics import device_name, read_metrics
+from overdrive.parallel.adapter_outputs import export_final_adapter, has_adapters
 
 
 @torch.no_grad()
@@ -57,7 +58,10 @@ def export_final(engine: TrainEngine, tokenizer: PreTrainedTokenizerBase, final_
         return
     model = engine.unwrapped_model()
     with staged_dir(final_dir) as tmp:
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if has_adapters(model):  # the peft adapter and its base reference (overdrive.parallel.adapter_outputs)
+            export_final_adapter(model, state, tmp, final_dir)
+        else:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
 

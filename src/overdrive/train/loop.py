@@ -33,6 +33,7 @@ from overdrive.metrics import (
 )
 from overdrive.modeling import count_parameters
 from overdrive.parallel import Strategy
+from overdrive.parallel.adapters import parameter_counts
 from overdrive.parallel.distributed import guard, init_runtime, launch_env, leave_together, shutdown
 from overdrive.tracking import open_trackers, parse_report_to
 from overdrive.train import checkpoint
@@ -53,6 +54,7 @@ from overdrive.train.finish import (
     summary_line,
     truncate_metrics,
 )
+from overdrive.train.optim import optimizer_state_bytes
 from overdrive.train.progress import Progress
 from overdrive.train.rundir import claim_output_dir, clear_run, plan_output
 
@@ -128,6 +130,9 @@ def run(
         meter.add(step, tokens_per_step, time.perf_counter() - t0)
         log.advance(loss)
         done = step + 1
+        if done == start_step + 1:  # the state exists once the optimizer has stepped
+            state_mib = optimizer_state_bytes(engine.optimizer) / 2**20
+            log.info(f"optimizer {cfg.optimizer}: {state_mib:.2f} MiB of state on this rank")
         if done == start_step + 1 or done % cfg.logging_steps == 0 or done == data.total_steps:
             record = step_record(done, loss, grad_norm, lr, meter, data, runtime, flops_tok, started)
             if writer:
@@ -323,6 +328,8 @@ def finish(
         output_dir,
         data.plan,
     )
+    summary["optimizer_state_bytes"] = optimizer_state_bytes(engine.optimizer)  # this rank's shards
+    summary["trainable_parameters"] = parameter_counts(engine.unwrapped_model())[0]  # LoRA: adapters only
     write_json(output_dir / "summary.json", summary)
     log.info(summary_line(summary))
     return summary
