@@ -423,7 +423,9 @@ def check_batch(cfg: TrainConfig) -> None:
         strategy.validate(world)
     except UsageError:
         return  # `train` reports the strategy's own problem first, before anything starts
-    strategy.resolve_batch(cfg.global_batch_size, world // strategy.tp_degree(world), cfg.micro_batch_size)
+    strategy.resolved_for(world).resolve_batch(
+        cfg.global_batch_size, strategy.dp_degree(world), cfg.micro_batch_size
+    )
 
 
 def check_relations(cfg: TrainConfig) -> None:

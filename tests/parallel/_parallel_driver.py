@@ -89,10 +89,11 @@ class TokenData:
         return {k: [v[r] for r in rows] for k, v in self.columns.items()}
 
 
-def make_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(**overrides):
+    """The tests' tiny Llama (hidden 64, 2 layers, vocab 256, sdpa), with `overrides`."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    base = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -102,8 +103,14 @@ def make_model():
         max_position_embeddings=SEQ,
         attn_implementation="sdpa",
     )
+    return LlamaConfig(**{**base, **overrides})
+
+
+def make_model():
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config())
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:

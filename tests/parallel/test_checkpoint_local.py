@@ -152,9 +152,29 @@ def test_dcp_checkpoint_resumes_in_local_engine(tmp_path: Path) -> None:
     assert train_steps(b, 2) == pytest.approx(expected, abs=1e-6)
 
 
-def test_local_checkpoint_cannot_load_into_dcp_engine(tmp_path: Path) -> None:
+def test_local_checkpoint_resumes_in_dcp_engine(tmp_path: Path) -> None:
+    """One process -> N ranks: optimizer.pt names each optimizer slot, so the state loads by parameter name."""
+    a = local_engine()
+    train_steps(a, 2)
+    save_checkpoint(a, tmp_path / "ck", extra={"step": 2})
+    expected = train_steps(a, 2)
+    b = DCPEngine(seed=1)
+    load_checkpoint(b, tmp_path / "ck")
+    assert b.current_lr() == pytest.approx(1e-2 / 3)
+    assert train_steps(b, 2) == pytest.approx(expected, abs=1e-6)
+
+
+def test_local_checkpoint_without_parameter_names_names_the_fix(tmp_path: Path) -> None:
+    import torch
+
     save_checkpoint(local_engine(), tmp_path / "ck")
-    with pytest.raises(UsageError, match=r"written by TorchEngine \(local format\)"):
+    state = torch.load(tmp_path / "ck" / "optimizer.pt", weights_only=True)
+    del state["param_names"]  # as written before the names were recorded
+    torch.save(state, tmp_path / "ck" / "optimizer.pt")
+    marker = json.loads((tmp_path / "ck" / MARKER).read_text())
+    marker["files"]["optimizer.pt"] = (tmp_path / "ck" / "optimizer.pt").stat().st_size
+    (tmp_path / "ck" / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(UsageError, match="before parameter names were recorded; resume it on one process"):
         load_checkpoint(DCPEngine(), tmp_path / "ck")
 
 

@@ -250,6 +250,8 @@ def test_strategy_fields_round_trip_and_describe() -> None:
     strategy.validate(1)
     with pytest.raises(Exception, match="ac_every applies to activation_checkpointing: every_k only"):
         dataclasses.replace(strategy, ac_every=2).validate(1)
+    # the pipeline engine enters the offload itself (tests/parallel/test_pipeline_engines.py: pp-memory)
+    Strategy(activation_offload=True, pipeline_parallel=2, data_parallel="fsdp").validate(4)
     with pytest.raises(Exception, match="activation_offload .* must be true or false"):
         Strategy.from_yaml("activation_offload: yes-please\n")
 

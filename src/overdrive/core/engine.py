@@ -42,6 +42,10 @@ class TrainEngine(Protocol):
 
     def current_lr(self) -> float: ...
 
+    def eval_loss(self, batch: Batch, num_items: int) -> torch.Tensor:
+        """The loss of one evaluation batch (summed CE / `num_items`), without gradients, on every rank."""
+        ...
+
     def save_checkpoint(self, directory: Path) -> None:
         """Write model, optimizer and scheduler state into `directory` (called on every rank)."""
         ...
@@ -103,6 +107,13 @@ class MicroBatchEngine:
             total += local_value(loss.detach()).float()
         return total
 
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch, num_items: int) -> torch.Tensor:
+        device = self.runtime.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with self.loss_context(), autocast(self.precision, device):
+            return local_value(self.model(**batch, num_items_in_batch=max(num_items, 1)).loss)
 
 
 def local_value(loss: torch.Tensor) -> torch.Tensor:

@@ -198,6 +198,7 @@ def build_engine(
     precision: str = "fp32",
     *,
     micro_batch_size: int | None = None,
+    accumulation_steps: int = 1,
     grad_scaler: Any = None,
     fill: WeightFill | None = None,
     adapters: AdapterSpec | None = None,
@@ -206,15 +207,24 @@ def build_engine(
 
     `precision` is the loop's autocast setting (fp32/bf16/fp16); the strategy's param_dtype/reduce_dtype are
     the engine-level precision (FSDP2 MixedPrecisionPolicy, DeepSpeed bf16). fp16 needs a grad scaler and is
-    supported with single and ddp only. `micro_batch_size` feeds DeepSpeed's batch bookkeeping.
+    supported with single and ddp only. `micro_batch_size` feeds DeepSpeed's batch bookkeeping;
+    `accumulation_steps` is a pipeline's micro-batches per step.
     """
     if precision == "fp16" and (
         strategy.engine == "deepspeed"
         or strategy.data_parallel in ("fsdp", "hsdp")
         or strategy.tensor_parallel != 1
+        or strategy.pipeline_parallel != 1
     ):
         raise UsageError(
-            "precision fp16 is supported with single and ddp only; use bf16 with fsdp/tp/deepspeed"
+            "precision fp16 is supported with single and ddp only; use bf16 with fsdp/tp/pp/deepspeed"
+        )
+    if strategy.pipeline_parallel != 1:
+        from overdrive.parallel.pipeline_engine import build_pipeline_engine
+
+        # pipeline splitting comes first: every stage module then goes through parallelize on its own
+        return build_pipeline_engine(
+            model, strategy, runtime, make_optimizer, make_scheduler, precision, fill, accumulation_steps, adapters
         )
     if strategy.engine == "deepspeed":
         from overdrive.parallel.deepspeed_engine import DeepSpeedEngine

@@ -42,7 +42,7 @@ from overdrive.errors import UsageError
 from overdrive.parallel.safe_dcp import SafeFileSystemReader
 
 MARKER = "overdrive-checkpoint.json"
-FORMAT_VERSION = 2  # 2: the marker lists every file with its size
+FORMAT_VERSION = 3  # 2: the marker lists every file with its size; 3: DCP optimizer state flat per name
 PREFIX = "step-"  # OUTPUT/checkpoints/step-NNNNNNN
 
 
@@ -50,18 +50,21 @@ PREFIX = "step-"  # OUTPUT/checkpoints/step-NNNNNNN
 
 
 def save_dcp(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | list[nn.Module],
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     scheduler: Any,
     directory: Path,
     runtime: Runtime,
     grad_scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Model and optimizer through DCP (each rank writes its shards); scheduler state from rank 0."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """Model and optimizer through DCP (each rank writes its shards); scheduler state from rank 0.
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    Several (module, optimizer) pairs — a rank's pipeline stages — go into one state dict: keys are parameter
+    names and optimizer state is flattened per name, so any pipeline degree (or none) can load it.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd = _merged_state(_pairs(model, optimizer), flat=True)
     with _quiet_single_process():
         dcp.save(
             {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "dcp"), no_dist=_no_dist()
@@ -74,27 +77,74 @@ def save_dcp(
 
 
 def load_dcp(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | list[nn.Module],
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     scheduler: Any,
     directory: Path,
     grad_scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Load into the current sharding (whatever world size wrote it); scheduler from trainer_state.pt."""
+    """Load into the current sharding and pipeline split (whatever layout wrote it); scheduler(s) from
+    trainer_state.pt."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    flat = read_meta(directory).get("version", 1) >= 3  # format 2 kept optimizer param_groups as lists
+    pairs = _pairs(model, optimizer)
+    model_sd, optim_sd = _merged_state(pairs, flat)
     state = {"model": model_sd, "optim": optim_sd}
     reader = SafeFileSystemReader(directory / "dcp")
     reader.read_metadata()  # a refused metadata file stops here with one line, not inside DCP's collectives
     with _quiet_single_process():
         dcp.load(state, storage_reader=reader, no_dist=_no_dist())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for module, optim in pairs:  # each pair takes its own keys (a tied weight's from the one loaded copy)
+        own_model, own_optim = _state_dicts(module, optim, flat)
+        set_state_dict(
+            module,
+            optim,
+            model_state_dict={k: state["model"][k] for k in own_model},
+            optim_state_dict={k: state["optim"][k] for k in own_optim} if flat else state["optim"],
+            options=_options(flat),
+        )
     trainer = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
-    scheduler.load_state_dict(trainer["scheduler"])
+    for sched in scheduler if isinstance(scheduler, list) else [scheduler]:
+        sched.load_state_dict(trainer["scheduler"])
     if grad_scaler is not None and "grad_scaler" in trainer:
         grad_scaler.load_state_dict(trainer["grad_scaler"])
+
+
+def _pairs(model: Any, optimizer: Any) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
+    models = model if isinstance(model, list) else [model]
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+    return list(zip(models, optimizers, strict=True))
+
+
+def _options(flat: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def _state_dicts(module: nn.Module, optim: torch.optim.Optimizer, flat: bool) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(module, optim, options=_options(flat))
+
+
+def _merged_state(pairs: list[tuple[nn.Module, torch.optim.Optimizer]], flat: bool) -> tuple[dict, dict]:
+    """One model and one optimizer state dict for all pairs (flat optimizer keys never collide)."""
+    if len(pairs) == 1 or not flat:
+        if len(pairs) > 1:
+            raise UsageError("a checkpoint in format 2 cannot be loaded into pipeline stages; resume without pp")
+        return _state_dicts(*pairs[0], flat)
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    for module, optim in pairs:
+        own_model, own_optim = _state_dicts(module, optim, flat)
+        for key, value in own_model.items():
+            model_sd.setdefault(key, value)
+        for key, value in own_optim.items():
+            optim_sd.setdefault(key, value)
+    return model_sd, optim_sd
 
 
 def _no_dist() -> bool:
@@ -297,6 +347,13 @@ def load_checkpoint(engine: Any, directory: str | Path) -> ResumeState:
         engine.load_checkpoint(path)
     elif saved == "dcp" and wanted == "local":
         load_dcp(engine.model, engine.optimizer, engine.scheduler, path, getattr(engine, "scaler", None))
+    elif saved == "local" and wanted == "dcp" and hasattr(engine, "optimizer"):  # 1 process -> N ranks
+        from overdrive.parallel.local_format import load_local_into
+
+        modules = getattr(engine, "stages", None) or [engine.module]
+        optimizers = getattr(engine, "optimizers", None) or [engine.optimizer]
+        schedulers = getattr(engine, "schedulers", None) or [engine.scheduler]
+        load_local_into(list(zip(modules, optimizers, strict=True)), schedulers, path)
     else:
         raise UsageError(
             f"checkpoint {path} was written by {meta['engine']} ({saved} format) and cannot be loaded by "

@@ -86,7 +86,7 @@ def apply_fsdp(model: nn.Module, strategy: Strategy, runtime: Runtime) -> nn.Mod
             model = model.to(runtime.device)
     options = {
         "mesh": mesh,
-        "reshard_after_forward": strategy.reshard_after_forward,
+        "reshard_after_forward": strategy.resolved_reshard_after_forward,
         "mp_policy": mp_policy,
         "offload_policy": offload,
     }

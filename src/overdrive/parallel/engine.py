@@ -92,7 +92,13 @@ class TorchEngine(MicroBatchEngine):
             save_trainable(self.module, Path(directory) / "model.safetensors")
         else:
             save_model(self.module, str(Path(directory) / "model.safetensors"))
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        from overdrive.parallel.local_format import optimizer_param_names
+
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "param_names": optimizer_param_names(self.optimizer, self.module),  # so N ranks can load it
+        }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         torch.save(state, Path(directory) / "optimizer.pt")

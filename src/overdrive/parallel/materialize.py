@@ -95,9 +95,18 @@ def materialize(model: nn.Module, reference: nn.Module, *, seed: int, device: to
     """
     targets = _allocate(model, device)
     written: set[int] = set()
-    for fqn, full in _initialised_modules(reference, seed):
+    for fqn, full in _initialised_modules(reference, seed, _held_by(model, targets)):
         _write_module(targets, fqn, full, written)
     _check_all_written(targets, written)
+
+
+def _held_by(model: nn.Module, targets: dict[str, torch.Tensor]) -> Callable[[str, nn.Module], bool] | None:
+    """For a pipeline stage (a part of the reference model), the reference modules the stage holds."""
+    from overdrive.parallel.pipeline import is_stage
+
+    if not is_stage(model):
+        return None
+    return lambda fqn, module: any(_join(fqn, name) in targets for name in _tensors_of(module))
 
 
 def _initialised_modules(
@@ -284,10 +293,15 @@ def load_weights(
     """
     plan = _load_plan(reference, Path(checkpoint_dir))
     targets = _allocate(model, device)
+    held = _held_by(model, targets)
+    if held is not None:  # a pipeline stage reads only its own tensors
+        plan = {path: {k: n for k, n in keys.items() if n in targets} for path, keys in plan.items()}
     written: set[int] = set()
     _stream(plan, targets, written)
 
     def unfilled(fqn: str, module: nn.Module) -> bool:
+        if held is not None and not held(fqn, module):
+            return False
         return any(id(targets.get(_join(fqn, n))) not in written for n in _tensors_of(module))
 
     for fqn, full in _initialised_modules(reference, 0, unfilled):  # what no file holds: computed buffers

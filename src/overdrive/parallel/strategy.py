@@ -26,6 +26,9 @@ EngineKind = Literal["torch", "deepspeed"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Dtype = Literal["fp32", "bf16"]
 ActivationCheckpointing = Literal["none", "full", "selective", "every_k"]
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv-zero-bubble"]
+# Schedules that run several (virtual) stages per rank, and the V-shaped one (stages r and 2P-1-r on rank r).
+MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "interleaved-zero-bubble", "zbv-zero-bubble")
 
 PRESETS: tuple[str, ...] = (
     "single",
@@ -40,6 +43,8 @@ PRESETS: tuple[str, ...] = (
     "deepspeed-zero3-offload",
     "tp",
     "fsdp-tp",
+    "pp",
+    "pp-fsdp",
 )
 
 
@@ -48,8 +53,9 @@ class Strategy:
     """How a run is executed. Every field is an independent axis; `validate` rejects bad combinations."""
 
     data_parallel: DataParallel = "none"
-    # FSDP2: True reshards parameters after forward (ZeRO-3), False keeps them gathered until backward (ZeRO-2).
-    reshard_after_forward: bool = True
+    # FSDP2: True reshards parameters after forward (ZeRO-3), False keeps them gathered until backward (ZeRO-2);
+    # None: True, except under pipeline parallelism (each stage's parameters serve several micro-batches).
+    reshard_after_forward: bool | None = None
     # HSDP: ranks per shard group; the world is a (world // shard_size) replicate × shard_size shard mesh.
     shard_size: int | None = None
     engine: EngineKind = "torch"
@@ -68,6 +74,12 @@ class Strategy:
     # Ranks per tensor-parallel group (-1: all ranks); data parallelism runs over world / tensor_parallel.
     tensor_parallel: int = 1
     sequence_parallel: bool = True  # with tensor parallelism: norms and dropout on sequence shards
+    # Pipeline stages (ranks per pipeline, -1: all ranks); the model's decoder layers are split between them.
+    pipeline_parallel: int = 1
+    pipeline_schedule: PipelineSchedule = "1f1b"
+    virtual_stages: int = 1  # stages per rank: 2+ for the interleaved schedules, exactly 2 for zbv-zero-bubble
+    # "auto" balances parameters over the stages; a list gives the first layer of every stage after the first.
+    pipeline_split: str | list[int] = "auto"
 
     # ---------------------------------------------------------------- YAML
 
@@ -137,29 +149,57 @@ class Strategy:
     @property
     def is_distributed(self) -> bool:
         """Whether this strategy needs a process group (even on one rank)."""
-        return self.data_parallel != "none" or self.engine == "deepspeed" or self.tensor_parallel != 1
+        return (
+            self.data_parallel != "none"
+            or self.engine == "deepspeed"
+            or self.tensor_parallel != 1
+            or self.pipeline_parallel != 1
+        )
+
+    @property
+    def resolved_reshard_after_forward(self) -> bool:
+        if self.reshard_after_forward is None:
+            return self.pipeline_parallel == 1
+        return self.reshard_after_forward
 
     def tp_degree(self, world_size: int) -> int:
         return world_size if self.tensor_parallel == -1 else self.tensor_parallel
 
+    def pp_degree(self, world_size: int) -> int:
+        return world_size if self.pipeline_parallel == -1 else self.pipeline_parallel
+
+    def dp_degree(self, world_size: int) -> int:
+        """Data-parallel ranks: the world divided by the tensor and pipeline degrees."""
+        return max(1, world_size // (self.tp_degree(world_size) * self.pp_degree(world_size)))
+
+    def resolved_for(self, world_size: int) -> Strategy:
+        """This strategy with the "all ranks" degrees (-1) replaced by numbers for `world_size` ranks."""
+        return dataclasses.replace(
+            self, tensor_parallel=self.tp_degree(world_size), pipeline_parallel=self.pp_degree(world_size)
+        )
+
+    @property
+    def num_stages_per_rank(self) -> int:
+        return self.virtual_stages if self.pipeline_parallel != 1 else 1
+
     def parallel_dims(self, world_size: int) -> ParallelDims:
         """The mesh degrees this strategy gives `world_size` ranks (validated first)."""
         self.validate(world_size)
-        tp = self.tp_degree(world_size)
-        dp = world_size // tp
+        tp, pp = self.tp_degree(world_size), self.pp_degree(world_size)
+        dp = self.dp_degree(world_size)
         if self.data_parallel == "hsdp":
             shard = self.shard_size or dp
-            return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp)
+            return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp)
         if self.data_parallel == "ddp" and self.engine == "torch":
-            return ParallelDims(dp_replicate=dp, tp=tp)
-        return ParallelDims(dp_shard=dp, tp=tp)
+            return ParallelDims(dp_replicate=dp, tp=tp, pp=pp)
+        return ParallelDims(dp_shard=dp, tp=tp, pp=pp)
 
     def describe(self) -> str:
         """One line for logs: what actually runs."""
         if self.engine == "deepspeed":
             parts = [f"deepspeed ZeRO-{self.resolved_zero_stage}"]
         elif self.data_parallel in ("fsdp", "hsdp"):
-            zero = "ZeRO-3" if self.reshard_after_forward else "ZeRO-2"
+            zero = "ZeRO-3" if self.resolved_reshard_after_forward else "ZeRO-2"
             shard = f" shard {self.shard_size}" if self.data_parallel == "hsdp" else ""
             parts = [f"{self.data_parallel} ({zero}{shard})"]
         else:
@@ -169,6 +209,10 @@ class Strategy:
             parts.append(
                 f"tensor parallel {degree}" + (" + sequence parallel" if self.sequence_parallel else "")
             )
+        if self.pipeline_parallel != 1:
+            degree = "all ranks" if self.pipeline_parallel == -1 else str(self.pipeline_parallel)
+            virtual = f" × {self.virtual_stages} virtual" if self.virtual_stages != 1 else ""
+            parts.append(f"pipeline {degree}{virtual} ({self.pipeline_schedule})")
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
         if self.param_dtype != "fp32" or self.reduce_dtype != "fp32":
@@ -194,7 +238,7 @@ class Strategy:
         if fix:
             raise UsageError(f"strategy: {fix}")
         if global_batch_size is not None:
-            self.resolve_batch(global_batch_size, world_size // self.tp_degree(world_size))
+            self.resolved_for(world_size).resolve_batch(global_batch_size, self.dp_degree(world_size))
 
     def resolve_batch(
         self, global_batch_size: int, world_size: int, micro_batch_size: int | None = None
@@ -218,6 +262,7 @@ class Strategy:
             else:
                 accum = self.grad_accumulation
                 micro = per_rank // accum
+            self._check_pipeline_batches(accum, micro)
             return micro, accum
         if per_rank % micro:
             ranks = "" if world_size == 1 else f" × {world_size} data-parallel ranks"
@@ -231,7 +276,25 @@ class Strategy:
                 f"grad_accumulation {self.grad_accumulation} × micro batch {micro} × world size {world_size} "
                 f"!= global batch size {global_batch_size}; drop grad_accumulation to derive it ({accum})"
             )
+        self._check_pipeline_batches(accum, micro)
         return micro, accum
+
+    def _check_pipeline_batches(self, n_micro: int, micro: int) -> None:
+        """A pipeline step runs the rank's micro-batches through the stages: enough to fill the pipeline."""
+        pp = self.pipeline_parallel
+        if pp == 1 or pp == -1:  # -1 is checked once the world size is known (parallel_dims)
+            return
+        if n_micro < pp:
+            raise UsageError(
+                f"pipeline_parallel {pp} needs at least {pp} micro-batches per step but the global batch gives "
+                f"{n_micro} (micro batch {micro}); raise --global-batch-size or lower --micro-batch-size"
+            )
+        rounds = max(1, n_micro // pp)
+        if self.pipeline_schedule in MULTI_STAGE_SCHEDULES and n_micro % rounds:
+            raise UsageError(
+                f"{self.pipeline_schedule} runs micro-batches in rounds of {pp}; {n_micro} per step is not a "
+                f"multiple of {rounds} rounds; use a multiple of {pp} micro-batches"
+            )
 
     def rescale(self, old_world: int, new_world: int, global_batch_size: int) -> Strategy:
         """This strategy for `new_world` ranks with the same global batch (saved on N ranks, resumed on M).
@@ -295,12 +358,15 @@ def _first_problem(s: Strategy, world_size: int) -> str | None:
     tp_problem = _tensor_parallel_problem(s, world_size)
     if tp_problem:
         return tp_problem
-    dp_world = world_size // s.tp_degree(world_size)
+    pp_problem = _pipeline_problem(s, world_size)
+    if pp_problem:
+        return pp_problem
+    dp_world = s.dp_degree(world_size)
     if s.data_parallel == "none" and dp_world > 1:
         return (
             f"data_parallel: none runs one data-parallel rank but {world_size} ranks were launched for tensor "
-            f"parallel {s.tp_degree(world_size)}; use a data-parallel strategy (ddp, fsdp), raise "
-            "tensor_parallel, or launch fewer processes"
+            f"parallel {s.tp_degree(world_size)} × pipeline {s.pp_degree(world_size)}; use a data-parallel "
+            "strategy (ddp, fsdp), raise tensor_parallel or pipeline_parallel, or launch fewer processes"
         )
     if s.data_parallel == "hsdp":
         if not s.shard_size or s.shard_size < 1:
@@ -309,7 +375,7 @@ def _first_problem(s: Strategy, world_size: int) -> str | None:
             return f"hsdp shard_size {s.shard_size} must divide the data-parallel size {dp_world}"
     elif s.shard_size is not None:
         return f"shard_size applies to data_parallel: hsdp only, not {s.data_parallel}"
-    if not s.reshard_after_forward and s.data_parallel not in ("fsdp", "hsdp"):
+    if s.reshard_after_forward is False and s.data_parallel not in ("fsdp", "hsdp"):
         return "reshard_after_forward: false (ZeRO-2) applies to data_parallel fsdp or hsdp"
     if s.offload != "none":
         if s.engine == "torch" and s.data_parallel not in ("fsdp", "hsdp"):
@@ -367,8 +433,70 @@ def _tensor_parallel_problem(s: Strategy, world_size: int) -> str | None:
     return None
 
 
+def _pipeline_problem(s: Strategy, world_size: int) -> str | None:
+    """Why the pipeline settings cannot run on `world_size` ranks, or None."""
+    virtual_problem = _virtual_stage_problem(s)
+    if virtual_problem:
+        return virtual_problem
+    split_problem = _split_problem(s.pipeline_split)
+    if split_problem:
+        return split_problem
+    if s.pipeline_parallel == 1:
+        return None
+    if s.pipeline_parallel < 1 and s.pipeline_parallel != -1:
+        return f"pipeline_parallel must be a positive degree or -1 (all ranks), got {s.pipeline_parallel}"
+    if s.engine == "deepspeed":
+        return "pipeline_parallel works with engine torch (FSDP2 or none), not deepspeed; use the pp-fsdp preset"
+    if s.data_parallel == "ddp":
+        return (
+            "pipeline_parallel with ddp is not supported; use data_parallel: fsdp (the pp-fsdp preset keeps "
+            "parameters gathered across micro-batches, as DDP does)"
+        )
+    if s.offload != "none":
+        return "offload is not supported with pipeline_parallel; drop offload or pipeline_parallel"
+    pp_tp = s.pp_degree(world_size) * s.tp_degree(world_size)
+    if world_size % pp_tp:
+        return (
+            f"pipeline {s.pp_degree(world_size)} × tensor {s.tp_degree(world_size)} = {pp_tp} must divide the "
+            f"world size {world_size}; launch a multiple of {pp_tp} ranks"
+        )
+    return None
+
+
+def _virtual_stage_problem(s: Strategy) -> str | None:
+    if s.virtual_stages < 1:
+        return f"virtual_stages must be at least 1, got {s.virtual_stages}"
+    if s.pipeline_parallel == 1:
+        if s.virtual_stages != 1 or s.pipeline_schedule != "1f1b":
+            return "pipeline_schedule and virtual_stages apply with pipeline_parallel > 1 only"
+        return None
+    multi = s.pipeline_schedule in MULTI_STAGE_SCHEDULES
+    if s.pipeline_schedule == "zbv-zero-bubble" and s.virtual_stages != 2:
+        return "zbv-zero-bubble runs exactly 2 stages per rank; set virtual_stages: 2"
+    if multi and s.virtual_stages < 2:
+        return f"{s.pipeline_schedule} interleaves several stages per rank; set virtual_stages: 2 or more"
+    if not multi and s.virtual_stages != 1:
+        return (
+            f"{s.pipeline_schedule} runs one stage per rank; use pipeline_schedule: interleaved-1f1b for "
+            f"virtual_stages: {s.virtual_stages}"
+        )
+    return None
+
+
+def _split_problem(split: Any) -> str | None:
+    if split == "auto":
+        return None
+    if not isinstance(split, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in split):
+        return f"pipeline_split must be auto or a list of layer indices, got {split!r}"
+    if any(b <= a for a, b in zip(split, split[1:], strict=False)) or (split and split[0] < 1):
+        return f"pipeline_split {split} must list increasing layer indices above 0 (the first layer of each stage)"
+    return None
+
+
 def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
     """Check one YAML value against the field's annotated type."""
+    if name == "pipeline_split":
+        return value  # "auto" or a list of ints: checked by validate()
     args = get_args(tp)
     literals = [a for a in args if isinstance(a, str)]
     if literals:

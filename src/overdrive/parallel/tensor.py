@@ -228,13 +228,26 @@ def _stream(sp: bool) -> Any:
     return Shard(1) if sp else Replicate()
 
 
-def _llama_layer_plan(prefix: str, n_layers: int, sp: bool, qk_norm: bool) -> dict[str, Any]:
+def _pipeline_stage(model: nn.Module, model_type: Any) -> bool:
+    from overdrive.parallel.pipeline import is_stage
+
+    if not is_stage(model):
+        return False
+    if model_type not in LLAMA_FAMILY:
+        raise UsageError(
+            f"pipeline × tensor parallelism supports the Llama family (llama, mistral, qwen2, qwen3), not "
+            f"{model_type!r}; drop tensor_parallel or pipeline_parallel"
+        )
+    return True
+
+
+def _llama_layer_plan(prefix: str, indices: list[int], sp: bool, qk_norm: bool) -> dict[str, Any]:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
     stream = _stream(sp)
     plan: dict[str, Any] = {}
-    for i in range(n_layers):
+    for i in indices:
         at = f"{prefix}.layers.{i}"
         for name in (
             "self_attn.q_proj",
@@ -335,17 +348,19 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: 
     cfg = _text_config(model.config)
     model_type = getattr(cfg, "model_type", None)
     embed, head = model.get_input_embeddings(), getattr(model, "lm_head", None)
-    if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
+    stage = _pipeline_stage(model, model_type)  # a pipeline stage holds the embedding or lm_head or neither
+    if not stage and (not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear)):
         raise UsageError(
             f"{type(model).__name__}: tensor parallelism needs an nn.Embedding input embedding and an "
             f"nn.Linear lm_head; set tensor_parallel: 1"
         )
-    embed_name = next(name for name, m in model.named_modules() if m is embed)
-    tied = head.weight is embed.weight
+    tied = head is not None and embed is not None and head.weight is embed.weight
     if model_type in LLAMA_FAMILY:
         layers = getattr(base, "layers", None)
-        n_layers = len(layers) if isinstance(layers, nn.ModuleList) else 0
-        plan = _llama_layer_plan(prefix, n_layers, sequence_parallel, LLAMA_FAMILY[model_type])
+        indices = [int(name) for name, _ in layers.named_children()] if isinstance(layers, nn.ModuleList) else []
+        plan = _llama_layer_plan(prefix, indices, sequence_parallel, LLAMA_FAMILY[model_type])
+        if isinstance(base.norm, nn.Identity):  # a pipeline stage before the last
+            del plan[f"{prefix}.norm"]
         _require(model, plan)
     else:
         plan = _generic_plan(model, prefix, base, cfg.base_model_tp_plan)
@@ -355,13 +370,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, *, sequence_parallel: 
             )
         sequence_parallel = False
     family = model_type in LLAMA_FAMILY  # generic plans hand plain tensors between modules
-    plan.update(_vocab_plan(embed_name, _stream(sequence_parallel), dtensor_stream=family))
+    embed_name = next((name for name, m in model.named_modules() if m is embed), None) if embed else None
+    vocab = _vocab_plan(embed_name, _stream(sequence_parallel), dtensor_stream=family)
+    plan.update({k: v for k, v in vocab.items() if k is not None and (k != "lm_head" or head is not None)})
     src_data_rank = None if any(p.is_meta for p in model.parameters()) else 0
     parallelize_module(model, tp_mesh, plan, src_data_rank=src_data_rank)
     if tied:  # each style replaced the shared Parameter with its own shard: share one again
         head.weight = embed.weight
-    head.__dict__[VOCAB_PARALLEL_ATTR] = True
-    head.register_forward_hook(_gather_logits_without_grad)
+    if stage:  # the residual stream crosses stages as a local tensor; the next stage rebuilds the DTensor
+        from overdrive.parallel.pipeline import TP_STREAM_ATTR
+
+        model.__dict__[TP_STREAM_ATTR] = (tp_mesh, _stream(sequence_parallel))
+    if head is not None:
+        head.__dict__[VOCAB_PARALLEL_ATTR] = True
+        head.register_forward_hook(_gather_logits_without_grad)
     model.register_forward_pre_hook(_hook_partial_grads)
     model.loss_function = vocab_parallel_causal_lm_loss
     notes.append(

@@ -7,6 +7,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -24,10 +25,15 @@ from overdrive.parallel.materialize import build_meta_model, load_weights, mater
 from overdrive.train.neftune import apply_neftune
 from overdrive.train.optim import check_optimizer, make_optimizer, make_scheduler
 
+if TYPE_CHECKING:
+    from overdrive.train.data_stage import TrainData  # data_stage imports this module
 
-def check_model_source(cfg: TrainConfig, tensor_parallel: int = 1) -> None:
-    """Fail on a bad --model / --model-config, a tensor degree the model cannot be split by, or an
+
+def check_model_source(cfg: TrainConfig, strategy: Strategy | None = None) -> None:
+    """Fail on a bad --model / --model-config, tensor or pipeline degrees the model cannot be split by, or an
     unreachable hub id, before any data is read or process group started."""
+    strategy = strategy or Strategy()
+    tensor_parallel = strategy.tensor_parallel
     if cfg.model:
         check_pretrained_source(cfg.model, cfg.attn_implementation)
         config = AutoConfig.from_pretrained(cfg.model) if Path(cfg.model).is_dir() else None
@@ -42,6 +48,11 @@ def check_model_source(cfg: TrainConfig, tensor_parallel: int = 1) -> None:
         from overdrive.parallel.tensor import check_tensor_parallel
 
         check_tensor_parallel(config, tensor_parallel)
+    if config is not None and strategy.pipeline_parallel > 1:
+        from overdrive.parallel.pipeline import check_pipeline
+
+        n_stages = strategy.pipeline_parallel * strategy.virtual_stages
+        check_pipeline(config, n_stages, strategy.pipeline_split)
     if cfg.tokenizer:
         require_hub(cfg.tokenizer, "--tokenizer", cached_files=TOKENIZER_FILES)
     if cfg.dataset:
@@ -144,8 +155,7 @@ def build_engine(
     cfg: TrainConfig,
     strategy: Strategy,
     runtime: Runtime,
-    total_steps: int,
-    micro_batch_size: int,
+    data: TrainData,
     fill: WeightFill | None = None,
 ) -> TrainEngine:
     """The model parallelized for the strategy behind the engine protocol, with the run's optimizer."""
@@ -158,15 +168,18 @@ def build_engine(
         strategy,
         runtime,
         lambda m: make_optimizer(m, cfg),
-        lambda opt: make_scheduler(opt, cfg, total_steps),
+        lambda opt: make_scheduler(opt, cfg, data.total_steps),
         cfg.max_grad_norm,
         cfg.precision,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=data.plan.micro_batch_size,
+        accumulation_steps=data.plan.accumulation_steps,
         grad_scaler=scaler,
         fill=fill,
         adapters=adapter_spec(cfg),
     )
-    apply_neftune(engine.unwrapped_model(), cfg.neftune_noise_alpha)  # after the layout's own hooks
+    # after the layout's own hooks; pipeline stages are copies of the model, the first one embeds
+    for module in getattr(engine, "stages", None) or [engine.unwrapped_model()]:
+        apply_neftune(module, cfg.neftune_noise_alpha)
     return engine
 
 

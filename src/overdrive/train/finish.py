@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from overdrive import __version__
 from overdrive.atomic import staged_dir, write_text
 from overdrive.config import TrainConfig
-from overdrive.core.engine import TrainEngine, autocast, local_value
+from overdrive.core.engine import TrainEngine
 from overdrive.core.runtime import Runtime
 from overdrive.data.loader import BatchPlan, collate, count_target_tokens
 from overdrive.metrics import device_name, read_metrics
@@ -40,9 +40,7 @@ def evaluate(
         own = i < len(starts)
         batch = collate(rows[starts[i if own else 0] : starts[i if own else 0] + m])
         n = count_target_tokens(batch)
-        batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        with engine.loss_context(), autocast(cfg.precision, runtime.device):
-            loss = local_value(engine.model(**batch, num_items_in_batch=max(n, 1)).loss)
+        loss = engine.eval_loss(batch, n)
         if own and n > 0:
             total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     total = runtime.all_reduce_sum(total, "dp")

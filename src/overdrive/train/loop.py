@@ -65,7 +65,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     strategy = resolve_strategy(cfg)
     world = launch_env().world_size
     strategy.validate(world)  # bad combinations and degrees fail before any process group starts
-    check_model_source(cfg, strategy.tp_degree(world))
+    strategy = strategy.resolved_for(world)
+    check_model_source(cfg, strategy)
     runtime = init_runtime(strategy)
     try:
         with guard(runtime):
@@ -92,9 +93,7 @@ def run(
     flops_tok = flops_per_token(
         n_compute_params, model.config.num_hidden_layers, model.config.hidden_size, cfg.block_size
     )
-    engine = build_engine(
-        model, cfg, strategy, runtime, data.total_steps, data.plan.micro_batch_size, fill
-    )  # parallelized, local shards filled
+    engine = build_engine(model, cfg, strategy, runtime, data, fill)  # parallelized, local shards filled
 
     # from here on the run writes to disk, holding the output dir until it ends
     cleanup.enter_context(claim_output_dir(cfg, runtime, output_dir, resume_from))
