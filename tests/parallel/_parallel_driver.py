@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -135,7 +134,7 @@ def facts(engine) -> dict:
     out = {"engine": type(engine).__name__, "wrapper": type(engine.model).__name__}
     layers = decoder_layers(engine.unwrapped_model())
     out["checkpointed_layers"] = sum(
-        isinstance(layer.__dict__.get("forward"), functools.partial) for layer in layers
+        getattr(layer.__dict__.get("forward"), "recompute", None) is not None for layer in layers
     )
     out["compiled_layers"] = sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)
     if getattr(engine, "strategy", None) is not None and engine.strategy.data_parallel in ("fsdp", "hsdp"):

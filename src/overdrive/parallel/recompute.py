@@ -74,6 +74,7 @@ def checkpoint_wrapper(inner: Callable[..., Any], granularity: Granularity = "fu
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **extra, **kwargs)
 
+    checkpointed.recompute = granularity  # type: ignore[attr-defined]  # what a layer's forward does, for reports
     return checkpointed
 
 
