@@ -48,9 +48,18 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def micro_args(micro_config: Path, text_file: Path, output_dir: Path, *extra: str) -> list[str]:
-    """CLI arguments for a fast from-scratch run (vocab 512, block 64)."""
+    """CLI arguments for a fast from-scratch run (vocab 512, block 64).
+
+    The strategy and precision are pinned (single process, fp32: the reference layout) so that a test's
+    numbers do not depend on what `--strategy auto` measures on the machine; `extra` may override them
+    (argparse keeps the last value). tests/search/test_auto.py covers auto itself.
+    """
     return [
         "train",
+        "--strategy",
+        "single",
+        "--precision",
+        "fp32",
         "--model-config",
         str(micro_config),
         "--train-file",

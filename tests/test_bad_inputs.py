@@ -239,7 +239,9 @@ YAML_VALUES = [
         "--train-file must be a single value",
     ),
     Case(
-        "yaml-precision-list", with_yaml("precision: [bf16]\n"), "--precision must be one of fp32, bf16, fp16"
+        "yaml-precision-list",
+        with_yaml("precision: [bf16]\n"),
+        "--precision must be one of auto, fp32, bf16, fp16",
     ),
     Case(
         "yaml-save-limit-negative", with_yaml("save_total_limit: -1\n"), "--save-total-limit must be positive"

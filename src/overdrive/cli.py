@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     from overdrive.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+
+    from overdrive.search.cli import add_plan_parser
+
+    add_plan_parser(sub)
+
+    from overdrive.search.tune_cli import add_tune_parser
+
+    add_tune_parser(sub)
+
+    from overdrive.search.verify import add_verify_parser
+
+    add_verify_parser(sub)
     return parser
 
 
@@ -147,11 +159,32 @@ def run_bench(args: argparse.Namespace) -> int:
     return bench(args)
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    from overdrive.search.cli import run_plan as plan
+
+    return plan(args)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from overdrive.search.tune_cli import run_tune as tune
+
+    return tune(args)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from overdrive.search.verify import run_verify as verify
+
+    return verify(args)
+
+
 COMMANDS: dict[str, Any] = {
     "train": run_train,
     "launch": run_launch,
     "export": run_export,
     "bench": run_bench,
+    "plan": run_plan,
+    "tune": run_tune,
+    "verify": run_verify,
 }
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from overdrive.errors import UsageError
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Packing = Literal["concat", "documents"]
 DataFormat = Literal["text", "prompt-completion", "chat"]
 Scheduler = Literal["cosine", "linear", "constant"]
@@ -113,12 +113,16 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of the peak"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip threshold; 0 disables clipping"})
-    precision: Precision = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 autocast"})
+    precision: Precision = field(
+        default="auto", metadata={"help": "auto (measured on CPU, bf16 on GPUs), fp32, bf16 or fp16 autocast"}
+    )
     # None: the strategy decides; true/false overrides it either way
     activation_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile each decoder block"})
     kernels: bool | None = field(default=None, metadata={"help": "swap in overdrive's fused kernels"})
-    strategy: str | None = field(default=None, metadata={"help": "strategy preset name or YAML file"})
+    strategy: str | None = field(
+        default="auto", metadata={"help": "auto (tune cache, plan, quick measurement), a preset name or YAML file"}
+    )
     seed: int = field(default=42, metadata={"help": "random seed, in [0, 2**32)"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms"})
     # evaluation, checkpoints, logging
@@ -417,7 +421,7 @@ def check_batch(cfg: TrainConfig) -> None:
     (world ÷ tensor parallel); Strategy.resolve_batch is the one place that decides it."""
     from overdrive.parallel.strategy import Strategy
 
-    strategy = Strategy.from_name_or_path(cfg.strategy)
+    strategy = Strategy.from_name_or_path(None if cfg.strategy == "auto" else cfg.strategy)  # auto: any layout
     world = world_size_from_env()
     try:
         strategy.validate(world)
@@ -457,7 +461,7 @@ def check_optimizer_options(cfg: TrainConfig) -> None:
     from overdrive.parallel.strategy import Strategy
     from overdrive.train.optim import check_optimizer
 
-    check_optimizer(cfg, Strategy.from_name_or_path(cfg.strategy))
+    check_optimizer(cfg, Strategy.from_name_or_path(None if cfg.strategy == "auto" else cfg.strategy))
 
 
 def check_data_format(cfg: TrainConfig) -> None:

@@ -196,6 +196,8 @@ def _bool(out: Overrides, name: str, value: bool) -> None:
 def _precision(out: Overrides, name: str, value: bool) -> None:
     if value:
         out.set("precision", name, f"--{name}")
+    else:  # an explicit false means fp32 in HF (overdrive's own default is auto)
+        out.imply("precision", "fp32")
 
 
 def _ignored(out: Overrides, name: str, value: Any) -> None:
@@ -274,6 +276,8 @@ def _fsdp(out: Overrides, name: str, value: str) -> None:
     preset = fsdp_preset(value)
     if preset is not None:
         out.set("strategy", preset, f"--{name} {value}")
+    else:  # --fsdp false: no FSDP, the single-process strategy (not overdrive's default auto)
+        out.imply("strategy", None)
 
 
 def _deepspeed(out: Overrides, name: str, value: str) -> None:

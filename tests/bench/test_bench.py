@@ -258,9 +258,9 @@ def test_bench_throughput_uses_measured_steps_only() -> None:
 def test_bench_input_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="unknown system"):
         parse_systems("hf-trainer,megatron", "cpu", 1, None)
-    assert parse_systems("overdrive", "cpu", 1, None)[0].extra_args == ("--compile", "--kernels")
-    assert parse_systems("overdrive", "cuda", 8, None)[0].extra_args[-2:] == ("--strategy", "fsdp")
-    assert parse_systems("overdrive", "cpu", 2, None)[0].extra_args[-2:] == ("--strategy", "ddp")
+    assert parse_systems("overdrive", "cpu", 1, None)[0].extra_args == ()  # overdrive's default: auto
+    assert parse_systems("overdrive", "cuda", 8, None)[0].extra_args == ("--strategy", "auto")
+    assert parse_systems("overdrive", "cpu", 2, None)[0].extra_args == ("--strategy", "auto")
     assert parse_variant("eager=--precision bf16").name == "overdrive-eager"
     with pytest.raises(UsageError, match="NAME=FLAGS"):
         parse_variant("--compile")
@@ -311,13 +311,13 @@ def test_bench_seed_table_has_the_seed_columns_and_values(tmp_path: Path) -> Non
     section = md.split("## Runs (seed 004 columns)")[1].split("## Ratio")[0]
     header = (
         "| Method | tp | pp | micro batch | grad accumulation | global batch | seq | processes | "
-        "memory (peak per device, GiB) | sec/iter | tokens/s/device |"
+        "pipeline bubble (schedule model) | memory (peak per device, GiB) | sec/iter | tokens/s/device |"
     )
     assert header in section
-    assert "| overdrive-single | 1 | 1 | 8 | 1 | 8 | 256 | 1 | 0.75 | 0.250 | 1,000.0 |" in section
-    assert "| overdrive-tp | 4 | 1 | 2 | 4 | 8 | 256 | 4 | 0.75 | 1.000 | 500.0 |" in section
+    assert "| overdrive-single | 1 | 1 | 8 | 1 | 8 | 256 | 1 | - | 0.75 | 0.250 | 1,000.0 |" in section
+    assert "| overdrive-tp | 4 | 1 | 2 | 4 | 8 | 256 | 4 | - | 0.75 | 1.000 | 500.0 |" in section
     # a failed cell keeps its layout and shows its status, never a number
-    assert "| overdrive-fsdp-tp | 2 | 1 | 2 | 2 | 8 | 256 | 4 | — | — | OOM |" in section
+    assert "| overdrive-fsdp-tp | 2 | 1 | 2 | 2 | 8 | 256 | 4 | - | — | — | OOM |" in section
     # the terminal print (everything before the ratio table) includes it
     assert md.index("## Runs (seed 004 columns)") < md.index("## Ratio to HF Trainer")
     rows = {r["system"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -337,7 +337,7 @@ def test_bench_seed_table_reads_older_rows_and_names_strategies() -> None:
     old = synthetic_row("overdrive", 8, "ok", 1000.0, measured_steps=4)
     old["measured_sec"] = 2.0
     w = synthetic_bench()["workload"]
-    assert "| overdrive | 1 | 1 | 8 | 1 | 8 | 256 | 1 | 1.00 | 0.500 | 1,000.0 |" in report.seed_table(
+    assert "| overdrive | 1 | 1 | 8 | 1 | 8 | 256 | 1 | - | 1.00 | 0.500 | 1,000.0 |" in report.seed_table(
         [old], w
     )
     assert report.method({"system": "overdrive", "strategy": "ddp"}) == "overdrive (ddp)"
@@ -378,7 +378,7 @@ def test_bench_micro_end_to_end_same_losses(
         "--systems",
         "hf-trainer,overdrive",
         "--overdrive-args",
-        "",
+        "--strategy single",  # plain overdrive (the pre-auto default) against HF Trainer, fp32
         "--timeout",
         "240",
         "--output-dir",

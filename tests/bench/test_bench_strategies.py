@@ -143,8 +143,13 @@ def test_bench_strategy_input_errors() -> None:
         check_overdrive_args(SystemSpec("overdrive", "overdrive", ("--gradient-accumulation-steps", "2")))
     with pytest.raises(UsageError, match="needs overdrive in --systems"):
         parse_systems("hf-trainer", "cpu", 2, None, "fsdp")
-    with pytest.raises(UsageError, match="overdrive-fsdp at global batch 6 .4 data-parallel"):
-        plan_workload(workload(4, parse_systems("overdrive", "cpu", 4, None, "fsdp"), sizes=(8, 6)))
+    # a batch that does not split over the strategy's ranks: that cell is skipped, the others run
+    w = plan_workload(workload(4, parse_systems("overdrive", "cpu", 4, None, "fsdp"), sizes=(8, 6)))
+    status = {c["global_batch_size"]: (c["status"], c.get("message", "")) for c in describe_cells(w)}
+    assert status[8] == ("planned", "")
+    assert status[6][0] == "skipped" and "overdrive-fsdp at global batch 6 (4 data-parallel" in status[6][1]
+    with pytest.raises(UsageError, match="overdrive-fsdp at global batch 6 .4 data-parallel"):  # nothing runs
+        plan_workload(workload(4, parse_systems("overdrive", "cpu", 4, None, "fsdp"), sizes=(6,)))
     parser = bench_parser()
     argv = ["bench", "--systems", "overdrive", "--overdrive-strategies", "fsdp,fsdp", "--dry-run"]
     with pytest.raises(UsageError, match="two columns are named overdrive-fsdp"):
@@ -210,4 +215,4 @@ def test_bench_strategy_cells_end_to_end(micro_config: Path, text_file: Path, tm
     for a, b in zip(single["first_losses"], fsdp["first_losses"], strict=True):
         assert a == pytest.approx(b, abs=1e-5)
     md = (out / "bench.md").read_text()
-    assert "| overdrive-fsdp | 1 | 1 | 4 | 1 | 8 | 64 | 2 |" in md
+    assert "| overdrive-fsdp | 1 | 1 | 4 | 1 | 8 | 64 | 2 | - |" in md

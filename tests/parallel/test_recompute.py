@@ -294,7 +294,7 @@ def test_selective_and_offload_under_fsdp_match_one_process(micro_config, text_f
         "data_parallel: fsdp\nactivation_checkpointing: selective\nactivation_offload: true\n"
     )
     single, dist = tmp_path / "single", tmp_path / "fsdp"
-    assert main(micro_args(micro_config, text_file, single, *COMMON)) == 0
+    assert main(micro_args(micro_config, text_file, single, *COMMON, "--strategy", "single")) == 0  # not auto
     proc = torchrun(micro_args(micro_config, text_file, dist, *COMMON, "--strategy", str(yaml_path)))
     assert proc.returncode == 0, proc.stderr[-3000:]
 

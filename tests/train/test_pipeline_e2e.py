@@ -27,7 +27,7 @@ def runs(micro_config, text_file, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pp")
     single, pp = root / "single", root / "pp"
     args = [*PP_COMMON, "--max-steps", "6", "--save-steps", "3", "--eval-steps", "3"]
-    assert main(micro_args(micro_config, text_file, single, *args)) == 0
+    assert main(micro_args(micro_config, text_file, single, *args, "--strategy", "single")) == 0  # not auto
     torchrun(2, micro_args(micro_config, text_file, pp, *args, "--strategy", "pp"))
     return single, pp
 

@@ -46,7 +46,7 @@ def torchrun(argv: list[str], timeout: int = 400) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def single_run(micro_config, text_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    assert main(micro_args(micro_config, text_file, out, *COMMON)) == 0
+    assert main(micro_args(micro_config, text_file, out, *COMMON, "--strategy", "single")) == 0  # not auto
     return out
 
 

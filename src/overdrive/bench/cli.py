@@ -43,7 +43,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     w.add_argument("--steps", type=int, help="measured optimizer steps per cell")
     w.add_argument("--warmup-steps", type=int, help="optimizer steps run before timing starts (>= 1)")
     w.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision for every system"
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast precision for every system; auto: overdrive's --precision auto, and each HF system "
+        "runs fp32 and bf16 with the faster counted (default: the preset's; cpu-smoke auto)",
     )
     w.add_argument("--attn-implementation", choices=("eager", "sdpa", "flash_attention_2"))
     w.add_argument("--learning-rate", type=float, help="constant learning rate (default 1e-3)")
@@ -67,16 +70,17 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     s.add_argument(
         "--overdrive-args",
         default=None,
-        help="`overdrive train` flags of the overdrive column (default: --compile --kernels, "
-        "plus --strategy fsdp on several GPUs, ddp on several CPU processes)",
+        help="`overdrive train` flags of the overdrive column (default: none, i.e. overdrive's --strategy "
+        "auto; on several processes --strategy auto explicitly, so that the column runs on all of them)",
     )
     s.add_argument(
         "--overdrive-strategies",
         default=None,
         metavar="S1,S2",
-        help="one overdrive column per strategy (preset name or YAML file), e.g. single,fsdp,tp: named "
-        "overdrive-S, each with the --overdrive-args flags (default --compile --kernels) plus --strategy S, "
-        "launched on 1 process for single and on --nproc otherwise",
+        help="one overdrive column per strategy (preset name or YAML file), e.g. single,fsdp,tp,pp,pp-fsdp: "
+        "named overdrive-S, each with the --overdrive-args flags (default --compile --kernels) plus --strategy S, "
+        "launched on 1 process for single and on --nproc otherwise; cells a strategy cannot run on --nproc "
+        "are reported skipped with the reason",
     )
     s.add_argument(
         "--overdrive-variant",

@@ -13,7 +13,7 @@ from typing import Any
 from overdrive.errors import UsageError
 
 SYSTEM_KINDS = ("hf-trainer", "hf-deepspeed", "overdrive")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: overdrive --precision auto, HF best of fp32/bf16
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ PRESETS: dict[str, BenchPreset] = {
         batch_sizes=(8, 16),
         steps=12,
         warmup_steps=3,
+        precision="auto",  # overdrive chooses; HF Trainer runs fp32 and bf16 and the faster counts
         timeout=300.0,
     ),
     "llama3.2-1b-seq4096": BenchPreset(
@@ -75,7 +76,8 @@ class SystemSpec:
     """One column of the table: a system kind and, for overdrive, the `overdrive train` flags it adds.
 
     The launch fields are filled by `plan.plan_system`: an overdrive column's strategy (preset name or absolute
-    YAML path) decides its processes and its tensor/pipeline degrees; HF columns run on the bench's --nproc.
+    YAML path) decides its processes and its tensor/pipeline degrees; HF columns run on the bench's --nproc. A
+    strategy that cannot run on those processes leaves the column planned with `skip` set to the reason.
     """
 
     name: str
@@ -85,6 +87,7 @@ class SystemSpec:
     nproc: int | None = None  # None: the workload's nproc
     tp: int = 1
     pp: int = 1
+    skip: str = ""  # why this column cannot run on the bench's processes: its cells are reported skipped
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,9 @@ class Workload:
 
 
 def default_overdrive_args(device: str, nproc: int) -> tuple[str, ...]:
-    """The best overdrive setup we know per device (see docs/bench.md for the measurements behind it)."""
-    args: list[str] = ["--compile", "--kernels"]
-    if nproc > 1:  # FSDP on GPUs (the seed's setting); on CPU DDP, which is also what accelerate runs there
-        args += ["--strategy", "fsdp" if device == "cuda" else "ddp"]
-    return tuple(args)
+    """overdrive's default, `--strategy auto` (overdrive.search.auto): one process unless --nproc asks for
+    more, where auto chooses among the data-parallel layouts on those processes."""
+    return ("--strategy", "auto") if nproc > 1 else ()
 
 
 def parse_systems(

@@ -13,7 +13,7 @@ from typing import Any
 from overdrive.atomic import write_bytes, write_json, write_text
 
 BASELINE = "hf-trainer"
-STATUS_LABEL = {"oom": "OOM", "timeout": "timeout", "error": "error"}
+STATUS_LABEL = {"oom": "OOM", "timeout": "timeout", "error": "error", "skipped": "skipped"}
 
 
 def ok(row: dict[str, Any]) -> bool:
@@ -103,6 +103,11 @@ def table(rows: list[dict[str, Any]], render: Any, header: str = "Global Batch S
 
 
 def closeness_note(precision: str) -> str:
+    if precision == "auto":
+        return (
+            "precision auto: each system runs the precision it chose (see Precision above), so losses agree to "
+            "about 1e-2 between systems on different precisions and to about 1e-5 between fp32 ones."
+        )
     if precision == "fp32":
         return (
             "fp32: same rows, same initial weights and the same optimizer settings, so the losses should agree to "
@@ -148,6 +153,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
     ds_ratio = summary.get("overdrive_best_over_hf_deepspeed_best")
     if ds_ratio is not None:
         lines.append(f"\noverdrive best / HF DeepSpeed ZeRO-3 best = {ds_ratio:.2f}×")
+    lines += precision_lines(rows, w["precision"])
     lines += ["", *seed_table(rows, w)]
     lines += [
         "",
@@ -199,7 +205,7 @@ def render_markdown(bench: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        shape = f"{r['micro_batch_size']} × {r['accumulation_steps']} × {r['nproc']}"
+        shape = " × ".join(str(r.get(k) or "—") for k in ("micro_batch_size", "accumulation_steps", "nproc"))
         note = (r.get("message") or "").replace("|", "\\|")[:160]
         if r.get("distributed_type"):
             note = f"accelerate: {r['distributed_type']}" + (f"; {note}" if note else "")
@@ -224,12 +230,42 @@ def render_markdown(bench: dict[str, Any]) -> str:
         "",
         "<details><summary>Exact cell commands</summary>",
         "",
-        *[f"- {r['system']} @ {r['global_batch_size']}: `{r['command']}`" for r in rows],
+        *[f"- {r['system']} @ {r['global_batch_size']}: `{r['command']}`" for r in rows if r.get("command")],
         "",
         "</details>",
         "",
     ]
     return "\n".join(lines)
+
+
+def precision_lines(rows: list[dict[str, Any]], precision: str) -> list[str]:
+    """With precision auto: which precision won each HF cell (both were run) and what overdrive's auto chose."""
+    if precision != "auto":
+        return []
+    out = [
+        "",
+        "## Precision (auto)",
+        "",
+        "HF systems: best of fp32/bf16 — every HF cell ran at both and shows the faster; overdrive: "
+        "`--precision auto` (and `--strategy auto` unless the column names a strategy).",
+        "",
+    ]
+    for r in rows:
+        where = f"- {r['system']} @ {r['global_batch_size']}"
+        if r.get("precision_runs"):
+            rates = ", ".join(f"{p} {precision_rate(v)}" for p, v in r["precision_runs"].items())
+            won = r.get("precision") if ok(r) else "neither"
+            out.append(f"{where}: best of fp32/bf16 = {won} ({rates})")
+        elif r.get("strategy_choice"):
+            c = r["strategy_choice"]
+            out.append(f"{where}: auto chose {c['describe']}, {c['precision']} ({c['reason']})")
+    return out
+
+
+def precision_rate(run: dict[str, Any]) -> str:
+    if run.get("status") != "ok":
+        return str(run.get("status"))
+    return f"{fmt_num(run.get('tokens_per_sec_per_device'), ',.1f')} tokens/s/device"
 
 
 def method(row: dict[str, Any]) -> str:
@@ -261,20 +297,40 @@ SEED_HEADER = (
     "global batch",
     "seq",
     "processes",
+    "pipeline bubble (schedule model)",
     "memory (peak per device, GiB)",
     "sec/iter",
     "tokens/s/device",
 )
 
 
+BUBBLE_NOTE = (
+    "pipeline bubble: the idle share of a pipeline step in its schedule's textbook model (equal stage times), "
+    "(P-1)/V / (M + (P-1)/V) for P stages, V virtual stages per rank and M micro-batches per step (the grad "
+    "accumulation column) — a model value, not a measurement (an upper bound for the zero-bubble schedules); "
+    "- for cells without a pipeline."
+)
+
+
+def fmt_bubble(row: dict[str, Any]) -> str:
+    """`0.333 (1f1b)` for a pipeline cell, `-` for the others (rows of older bench.json files included)."""
+    bubble = row.get("pipeline_bubble")
+    if bubble is None:
+        return "-"
+    virtual = row.get("virtual_stages") or 1
+    schedule = row.get("pipeline_schedule") or "?"
+    return f"{bubble:.3f} ({schedule}" + (f", V={virtual})" if virtual > 1 else ")")
+
+
 def seed_table(rows: list[dict[str, Any]], w: dict[str, Any]) -> list[str]:
     """One line per cell in the seed 004 table's shape (Method | tp | pp | mbs | grad acc | global bs | seq |
-    memory | sec/iter | tokens/s/device), batch-major; failed cells show their status."""
+    memory | sec/iter | tokens/s/device) plus the pipeline bubble, batch-major; failed cells show their status."""
     where = "CUDA allocator high-water mark" if w["device"] == "cuda" else "peak RSS"
     out = [
         "## Runs (seed 004 columns)",
         "",
-        f"memory: {where} of rank 0 (the rank that logs); sec/iter: measured seconds per optimizer step.",
+        f"memory: {where} of rank 0 (the rank that logs); sec/iter: measured seconds per optimizer step. "
+        f"{BUBBLE_NOTE}",
         "",
         "| " + " | ".join(SEED_HEADER) + " |",
         "| --- |" + " ---: |" * (len(SEED_HEADER) - 1),
@@ -291,6 +347,7 @@ def seed_table(rows: list[dict[str, Any]], w: dict[str, Any]) -> list[str]:
             r["global_batch_size"],
             r.get("seq_len", w["seq_len"]),
             r.get("nproc", "—"),
+            fmt_bubble(r),
             fmt_num(mem / 2**30 if mem and ok(r) else None, ".2f"),
             fmt_num(sec_per_iter(r) if ok(r) else None, ".3f"),
             fmt_status(r) or f"{r['tokens_per_sec_per_device']:,.1f}",
@@ -323,6 +380,8 @@ def first_loss_tables(rows: list[dict[str, Any]], summary: dict[str, Any]) -> li
 
 
 def cell_summary(row: dict[str, Any]) -> str:
+    if row.get("status") == "skipped":
+        return f"skipped: {row.get('message') or ''}"
     if ok(row):
         mem = row.get("peak_memory_bytes")
         mem_text = f", peak {mem / 2**30:.2f} GiB" if mem else ""

@@ -30,7 +30,7 @@ from typing import Any
 from overdrive.bench.hf_trainer_cell import OOM_MARKER
 from overdrive.bench.inputs import Prepared, prepare
 from overdrive.bench.oom_kills import oom_kill_counts, oom_killer_fired
-from overdrive.bench.plan import cell_batch, planned_row
+from overdrive.bench.plan import cell_batch, cell_skip, pipeline_bubble, planned_row
 from overdrive.bench.presets import SystemSpec, Workload
 from overdrive.errors import UsageError
 
@@ -298,7 +298,43 @@ def read_overdrive_run(run_dir: Path) -> dict[str, Any] | None:
         for key, ours in RUN_SUMMARY_KEYS.items():
             if done.get(key) is not None:
                 out[ours] = done[key]
+        choice = done.get("strategy_choice") or {}
+        if choice:  # what --strategy/--precision auto chose, and why
+            out["precision"] = choice.get("precision")
+            out["strategy_choice"] = {k: choice.get(k) for k in ("source", "describe", "precision", "reason")}
     return out
+
+
+HF_PRECISIONS = ("fp32", "bf16")
+
+
+def best_precision(
+    spec: SystemSpec,
+    w: Workload,
+    g: int,
+    prep: Prepared,
+    cells_dir: Path,
+    peak_tflops: float | None,
+    repeat: int,
+) -> dict[str, Any]:
+    """Precision auto for an HF system: the cell runs at fp32 and at bf16 (each in its own process) and the
+    faster one stands for it, as a user would pick; both outcomes stay in `precision_runs`."""
+    from dataclasses import replace
+
+    from overdrive.bench.report import ok
+
+    rows = {
+        p: run_cell(spec, replace(w, precision=p), g, prep, cells_dir / p, peak_tflops, repeat)
+        for p in HF_PRECISIONS
+    }
+    good = [p for p in HF_PRECISIONS if ok(rows[p])]
+    winner = max(good, key=lambda p: rows[p]["tokens_per_sec_per_device"]) if good else HF_PRECISIONS[0]
+    row = dict(rows[winner])
+    row["precision_runs"] = {
+        p: {k: r.get(k) for k in ("status", "tokens_per_sec_per_device", "message", "cell_dir")}
+        for p, r in rows.items()
+    }
+    return row
 
 
 def throughput(step_end_sec: Sequence[float], w: Workload, g: int) -> tuple[float, float] | None:
@@ -321,7 +357,12 @@ def run_cell(
     peak_tflops: float | None,
     repeat: int = 0,
 ) -> dict[str, Any]:
-    """One (system, global batch) cell in its own process group -> one row of bench.json."""
+    """One (system, global batch) cell in its own process group -> one row of bench.json. A cell planned as
+    skipped (its strategy cannot run on these processes, or its batch cannot be split) runs nothing."""
+    if cell_skip(w, spec, g):
+        return {**planned_row(spec, w, g), "wall_sec": 0.0, "command": ""}
+    if spec.kind != "overdrive" and w.precision == "auto":
+        return best_precision(spec, w, g, prep, cells_dir, peak_tflops, repeat)
     cell = cells_dir / (f"{spec.name}-gbs{g}" + (f"-r{repeat + 1}" if w.repeats > 1 else ""))
     cell.mkdir(parents=True, exist_ok=True)
     if spec.kind == "overdrive":
@@ -337,6 +378,7 @@ def run_cell(
     row = planned_row(spec, w, g)
     row.update(
         {
+            "precision": w.precision,  # an overdrive run on auto reports what it chose (below)
             "status": outcome.status,
             "message": outcome.message,
             "wall_sec": round(outcome.wall_sec, 2),
@@ -381,9 +423,12 @@ def run_cell(
         "world_size",
         "micro_batch_size",
         "accumulation_steps",
+        "precision",
+        "strategy_choice",
     ):
         if key in result:
             row[key] = result[key]
+    row["pipeline_bubble"] = pipeline_bubble(row)  # from the micro-batches per step the run reported
     return row
 
 

@@ -13,16 +13,38 @@ Reference (HF ``LlamaRMSNorm.forward``, also Mistral/Qwen2/Qwen3)::
 
 On CUDA, Liger-Kernel's ``LigerRMSNormFunction`` is used when importable and the dtypes match
 (it implements the same Llama casting mode).
+
+Test hook (fault injection, never for real runs): ``OVERDRIVE_FAULT_KERNEL=rms_norm`` in the environment
+when this module is imported scales the gradient flowing back through this kernel by ``1 + 1e-3``. The
+forward stays exact, so the patch self-test (forward only) still swaps the kernel in and only
+``overdrive verify`` can catch the broken strategy, as it would a real backward bug.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
 import torch
 
 __all__ = ["rms_norm", "reference_rms_norm"]
+
+# read once: torch.compile sees a constant, and a run is either faulty from the start or not at all
+FAULT_GRAD_SCALE = 1.0 + 1e-3 if os.environ.get("OVERDRIVE_FAULT_KERNEL") == "rms_norm" else None
+
+
+class _ScaleGradFn(torch.autograd.Function):
+    """Identity forward, gradient times a constant: the OVERDRIVE_FAULT_KERNEL test hook."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return grad_out * ctx.scale, None
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,6 +93,11 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, use_liger: bool = True
 ) -> torch.Tensor:
     """``weight * normalize(x)`` with HF LlamaRMSNorm numerics and a memory-lean backward."""
+    out = _rms_norm(x, weight, eps, use_liger)
+    return out if FAULT_GRAD_SCALE is None else _ScaleGradFn.apply(out, FAULT_GRAD_SCALE)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_liger: bool) -> torch.Tensor:
     if use_liger and x.is_cuda and x.dtype == weight.dtype:
         fn = _liger_rms_norm()
         if fn is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -135,9 +136,13 @@ def padded_vocab(vocab_size: int, tensor_parallel: int) -> int:
     return -(-vocab_size // tensor_parallel) * tensor_parallel
 
 
-def resolve_strategy(cfg: TrainConfig) -> Strategy:
-    """--strategy (preset or YAML); --[no-]activation-checkpointing, --[no-]compile, --[no-]kernels override it."""
-    strategy = Strategy.from_name_or_path(cfg.strategy)
+def resolve_strategy(cfg: TrainConfig, chosen: Strategy | None = None) -> Strategy:
+    """--strategy (preset or YAML; `chosen` is what --strategy auto chose, and auto alone stands for the
+    single-process layout); --[no-]activation-checkpointing, --[no-]compile, --[no-]kernels override it."""
+    if chosen is not None:
+        strategy = copy.deepcopy(chosen)
+    else:
+        strategy = Strategy.from_name_or_path(None if cfg.strategy == "auto" else cfg.strategy)
     if cfg.activation_checkpointing is not None:
         on = strategy.activation_checkpointing if strategy.activation_checkpointing != "none" else "full"
         strategy.activation_checkpointing = on if cfg.activation_checkpointing else "none"

@@ -8,6 +8,7 @@ accumulation and parallelism change nothing numerically (no gradient-accumulatio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from overdrive.modeling import count_parameters
 from overdrive.parallel import Strategy
 from overdrive.parallel.adapters import parameter_counts
 from overdrive.parallel.distributed import guard, init_runtime, launch_env, leave_together, shutdown
+from overdrive.search.auto import Choice, choose, save_choice
 from overdrive.tracking import open_trackers, parse_report_to
 from overdrive.train import checkpoint
 from overdrive.train.build import (
@@ -62,8 +64,11 @@ from overdrive.train.rundir import claim_output_dir, clear_run, plan_output
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run `cfg` on this process (one of `torchrun`'s ranks, or alone) and return the summary (rank 0)."""
     output_dir, resume_from = plan_output(cfg)
-    strategy = resolve_strategy(cfg)
     world = launch_env().world_size
+    check_model_source(cfg)  # a bad model or an unreachable hub fails before auto measures anything
+    choice = choose(cfg, world, output_dir, resume_from)  # --strategy/--precision auto, before anything heavy
+    cfg = dataclasses.replace(cfg, precision=choice.precision)
+    strategy = resolve_strategy(cfg, choice.strategy)
     strategy.validate(world)  # bad combinations and degrees fail before any process group starts
     strategy = strategy.resolved_for(world)
     check_model_source(cfg, strategy)
@@ -71,7 +76,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with guard(runtime):
             with contextlib.ExitStack() as cleanup:
-                summary = run(cfg, strategy, runtime, output_dir, resume_from, cleanup)
+                summary = run(cfg, strategy, runtime, output_dir, resume_from, cleanup, choice)
             leave_together(runtime)
             return summary
     finally:
@@ -85,6 +90,7 @@ def run(
     output_dir: Path,
     resume_from: Path | None,
     cleanup: contextlib.ExitStack,
+    choice: Choice,
 ) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
     data = prepare_data(cfg, strategy, runtime, output_dir if resume_from else None)
@@ -98,8 +104,12 @@ def run(
     # from here on the run writes to disk, holding the output dir until it ends
     cleanup.enter_context(claim_output_dir(cfg, runtime, output_dir, resume_from))
     start_step = start_or_resume(engine, cfg, data, output_dir, resume_from)
+    if runtime.is_main:
+        save_choice(output_dir, choice)  # a resume reuses it
     writer = open_metrics(cfg, runtime, output_dir, resume_from, start_step, cleanup)
     log = Progress(data.total_steps, start_step, enabled=runtime.is_main, quiet=cfg.quiet)
+    if choice.auto:
+        log.info(choice.line())  # what --strategy/--precision auto chose, and why
     log.info(
         f"model {n_params / 1e6:.1f}M params, {len(data.train_rows)} train rows of {cfg.block_size} tokens from "
         f"{data.source}, {data.total_steps} steps of {cfg.global_batch_size} rows (micro "
@@ -155,7 +165,7 @@ def run(
         save(engine, cfg, output_dir, data.total_steps)
     if writer:
         writer.close()
-    return finish(engine, cfg, data, runtime, output_dir, log, meter, wall, n_params, flops_tok)
+    return finish(engine, cfg, data, runtime, output_dir, log, meter, wall, n_params, flops_tok, choice)
 
 
 def start_or_resume(
@@ -300,6 +310,7 @@ def finish(
     wall: float,
     n_params: int,
     flops_tok: float,
+    choice: Choice,
 ) -> dict[str, Any]:
     """Export, the closing sample, curves and summary.json (rank 0 returns the summary)."""
     final_dir = output_dir / "final"
@@ -329,6 +340,7 @@ def finish(
     )
     summary["optimizer_state_bytes"] = optimizer_state_bytes(engine.optimizer)  # this rank's shards
     summary["trainable_parameters"] = parameter_counts(engine.unwrapped_model())[0]  # LoRA: adapters only
+    summary["strategy_choice"] = choice.to_dict()
     write_json(output_dir / "summary.json", summary)
     log.info(summary_line(summary))
     return summary

@@ -37,6 +37,7 @@ RUN_ARTIFACTS = (
     "curves.png",
     "sample.txt",
     "config.yaml",
+    "strategy_choice.json",  # overdrive.search.auto
     *TRACKER_DIRS,
 )
 LOCK_NAME = ".overdrive.lock"
