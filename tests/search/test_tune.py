@@ -145,7 +145,7 @@ def test_tune_writes_outputs_and_best_trains(
         text_file,
         out,
         "--trials",
-        "3",
+        "2",
         "--trial-steps",
         "2",
         "--space",
@@ -157,14 +157,14 @@ def test_tune_writes_outputs_and_best_trains(
     for name in ("tune.md", "tune.json", "tune.png", "best.yaml"):
         assert (out / name).is_file(), name
     report = json.loads((out / "tune.json").read_text())
-    assert len(report["trials"]) == 3
+    assert len(report["trials"]) == 2
     assert all(t["status"] == "ok" and t["tokens_per_sec"] > 0 for t in report["trials"])
     assert report["trials"][0]["source"] == "plan"
     fastest = max(report["trials"], key=lambda t: t["tokens_per_sec"])
     assert report["best"]["tokens_per_sec"] == fastest["tokens_per_sec"]
     assert [v["verdict"] for v in report["verify"]] == ["pass"]
     table = (out / "tune.md").read_text()
-    assert table.count("| ok |") == 3 and "pred tok/s" in table
+    assert table.count("| ok |") == 2 and "pred tok/s" in table
     best = Strategy.from_yaml(out / "best.yaml")
     assert best.micro_batch_size == fastest["micro_batch_size"] and best.compile is False
 

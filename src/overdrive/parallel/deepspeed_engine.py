@@ -147,7 +147,9 @@ class DeepSpeedEngine(MicroBatchEngine):
         grads = [p.grad for p in self.model.module.parameters() if p.grad is not None]
         if not grads:
             return None
-        return float(torch.nn.utils.get_total_norm(grads, foreach=True))
+        from overdrive.parallel.grad_norm import total_norm
+
+        return float(total_norm(grads))
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

@@ -133,29 +133,17 @@ class TorchEngine(MicroBatchEngine):
 
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
-    """Pre-clip global grad norm over plain and DTensor gradients (any mesh); clips in place when max_norm > 0.
-
-    Gradients are grouped by mesh: torch computes each group's norm on its DTensor placements (shards summed,
-    replicas counted once), and the groups' squares add up to the global norm.
-    """
+    """Pre-clip global grad norm over plain and DTensor gradients (any mesh); clips in place when max_norm > 0."""
     from torch.distributed.tensor import DTensor
+
+    from overdrive.parallel.grad_norm import total_norm
 
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    groups: dict[object, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
-    norms = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, foreach=True)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if len(norms) == 1:
-        total = norms[0]
-    else:
-        total = torch.stack([n.float().to(norms[0].device) for n in norms]).pow(2).sum().sqrt()
+    total = total_norm(grads)
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).float()
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
         by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for g in local:

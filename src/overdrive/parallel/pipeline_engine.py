@@ -22,6 +22,7 @@ from torch import nn
 
 from overdrive.core.engine import Batch, OptimizerFactory, SchedulerFactory, autocast, local_value
 from overdrive.core.runtime import Runtime
+from overdrive.parallel.grad_norm import squared_norm
 from overdrive.parallel.pipeline import SCHEDULE_CLASSES, STAGE_ATTR, StageSpec
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ class PipelineEngine:
     def step(self, max_grad_norm: float) -> float:
         grads = [p.grad for m in self.stages for p in m.parameters() if p.grad is not None]
         counted = self._gradients()
-        total = self._from_last_stage(_squared_norm(counted)).sqrt()
+        total = self._from_last_stage(squared_norm(counted)).sqrt()
         if max_grad_norm > 0:
             _scale(grads, torch.clamp(max_grad_norm / (total + 1e-6), max=1.0))
         for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
@@ -262,21 +263,6 @@ def _stage_holders(strategy: Strategy, pp: int, n_stages: int) -> list[int]:
         for stage in stages_of_rank(rank, pp, strategy.virtual_stages, strategy.pipeline_schedule):
             holder[stage] = rank
     return holder
-
-
-def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares of this rank's gradients (sharded DTensor gradients reduced over their mesh)."""
-    from torch.distributed.tensor import DTensor
-
-    total = torch.zeros((), dtype=torch.float32)
-    groups: dict[object, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, foreach=True)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        total = total.to(norm.device) + norm.float() ** 2
-    return total
 
 
 def _scale(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
