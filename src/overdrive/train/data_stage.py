@@ -45,9 +45,12 @@ class TrainData:
         return [collate(self.train_rows[idx]) for idx in rank_micro_batches(indices, self.plan, dp_rank)]
 
 
-def prepare_data(cfg: TrainConfig, strategy: Strategy, runtime: Runtime, run_dir: Path | None) -> TrainData:
-    """`run_dir`: the run being resumed, whose saved tokenizer a from-scratch run must keep using."""
-    raw, text_column, source = load_raw(
+RawData = tuple[DatasetDict, str, str]  # (train/validation splits, text column, a name for the source)
+
+
+def read_data(cfg: TrainConfig) -> RawData:
+    """Read and check the raw text: cheap next to training, so bad data fails before auto measures anything."""
+    return load_raw(
         dataset=cfg.dataset,
         dataset_config=cfg.dataset_config,
         train_file=cfg.train_file,
@@ -58,6 +61,14 @@ def prepare_data(cfg: TrainConfig, strategy: Strategy, runtime: Runtime, run_dir
         cache_dir=cfg.cache_dir,
         data_format=cfg.data_format,
     )
+
+
+def prepare_data(
+    cfg: TrainConfig, strategy: Strategy, runtime: Runtime, run_dir: Path | None, raw_data: RawData | None = None
+) -> TrainData:
+    """Tokenize and pack `raw_data` (read now when None); `run_dir`: the run being resumed, whose saved
+    tokenizer a from-scratch run must keep using."""
+    raw, text_column, source = raw_data if raw_data is not None else read_data(cfg)
     tokenizer, lm, stats = tokenize_data(cfg, raw, text_column, runtime, run_dir)
     train_rows = first_rows(lm["train"], cfg.max_train_samples)
     validation = first_rows(lm["validation"], cfg.max_eval_samples) if "validation" in lm else None

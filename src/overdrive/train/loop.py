@@ -46,7 +46,7 @@ from overdrive.train.build import (
     resolve_strategy,
     seed_everything,
 )
-from overdrive.train.data_stage import TrainData, prepare_data
+from overdrive.train.data_stage import RawData, TrainData, prepare_data, read_data
 from overdrive.train.faults import maybe_fail
 from overdrive.train.finish import (
     build_summary,
@@ -66,6 +66,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     output_dir, resume_from = plan_output(cfg)
     world = launch_env().world_size
     check_model_source(cfg)  # a bad model or an unreachable hub fails before auto measures anything
+    raw_data = read_data(cfg)  # and so does bad data
     choice = choose(cfg, world, output_dir, resume_from)  # --strategy/--precision auto, before anything heavy
     cfg = dataclasses.replace(cfg, precision=choice.precision)
     strategy = resolve_strategy(cfg, choice.strategy)
@@ -76,7 +77,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with guard(runtime):
             with contextlib.ExitStack() as cleanup:
-                summary = run(cfg, strategy, runtime, output_dir, resume_from, cleanup, choice)
+                summary = run(cfg, strategy, runtime, output_dir, resume_from, cleanup, choice, raw_data)
             leave_together(runtime)
             return summary
     finally:
@@ -91,9 +92,10 @@ def run(
     resume_from: Path | None,
     cleanup: contextlib.ExitStack,
     choice: Choice,
+    raw_data: RawData,
 ) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
-    data = prepare_data(cfg, strategy, runtime, output_dir if resume_from else None)
+    data = prepare_data(cfg, strategy, runtime, output_dir if resume_from else None, raw_data)
     model, fill = build_model(cfg, len(data.tokenizer), runtime)  # on meta: no weights yet
     n_params, n_compute_params = count_parameters(model)
     flops_tok = flops_per_token(
