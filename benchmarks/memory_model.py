@@ -49,7 +49,8 @@ CONFIGS = {
     ),
 }
 
-# (config, strategy preset, overrides, micro batch, accumulation, ranks)
+# (config, strategy preset, overrides, micro batch, accumulation, ranks); "lora_r" in the overrides trains
+# LoRA adapters (all-linear) on the frozen model instead of the model
 CELLS: list[tuple[str, str, dict, int, int, int]] = [
     ("tiny", "single", {}, 1, 1, 1),
     ("tiny", "single", {}, 4, 1, 1),
@@ -68,6 +69,9 @@ CELLS: list[tuple[str, str, dict, int, int, int]] = [
     ("tiny", "deepspeed-zero3", {}, 2, 1, 2),
     ("tiny", "single", {"activation_checkpointing": "selective"}, 4, 1, 1),
     ("tiny", "single", {"activation_checkpointing": "selective", "kernels": True}, 8, 1, 1),
+    ("tiny", "single", {"lora_r": 16}, 4, 1, 1),
+    ("100m", "single", {"lora_r": 16}, 2, 1, 1),
+    ("100m", "single", {"lora_r": 16, "kernels": True}, 4, 1, 1),
 ]
 
 
@@ -82,7 +86,8 @@ def strategy_for(preset: str, overrides: dict):  # noqa: ANN201
 
     from overdrive.parallel.strategy import Strategy
 
-    return dataclasses.replace(Strategy.from_name_or_path(preset), **overrides)
+    fields = {k: v for k, v in overrides.items() if k != "lora_r"}
+    return dataclasses.replace(Strategy.from_name_or_path(preset), **fields)
 
 
 def predict(cell: tuple) -> dict:
@@ -91,7 +96,8 @@ def predict(cell: tuple) -> dict:
     from overdrive.search.shape import ModelShape
 
     name, preset, overrides, micro, accum, ranks = cell
-    layout = Layout.from_strategy(strategy_for(preset, overrides), ranks, micro, accum)
+    lora = int(overrides.get("lora_r", 0))
+    layout = Layout.from_strategy(strategy_for(preset, overrides), ranks, micro, accum, lora_rank=lora)
     return estimate(ModelShape.from_config(llama_config(name)), layout, SEQ, cuda=False).to_dict()
 
 
@@ -99,7 +105,8 @@ def measure_here(cell: tuple) -> dict:
     from overdrive.search.measure import measure_step
 
     name, preset, overrides, micro, accum, _ = cell
-    result = measure_step(llama_config(name), strategy_for(preset, overrides), SEQ, micro, accum)
+    lora = int(overrides.get("lora_r", 0))
+    result = measure_step(llama_config(name), strategy_for(preset, overrides), SEQ, micro, accum, lora_rank=lora)
     return {"peak": result.peak_bytes, "start": result.start_bytes, "rss": result.rss_peak_bytes}
 
 

@@ -18,9 +18,9 @@ MICRO = ModelShape.from_config(LlamaConfig(**MICRO_LLAMA))
 
 
 def layout(**kw) -> Layout:
-    precision = kw.pop("precision", "fp32")
+    precision, lora = kw.pop("precision", "fp32"), kw.pop("lora", 0)
     micro, accum, world = kw.pop("micro", 2), kw.pop("accum", 1), kw.pop("world", 1)
-    return Layout.from_strategy(Strategy(**kw), world, micro, accum, precision)
+    return Layout.from_strategy(Strategy(**kw), world, micro, accum, precision, lora)
 
 
 def test_parameter_count_matches_the_meta_model() -> None:
@@ -95,6 +95,28 @@ def test_state_terms_by_sharding() -> None:
     assert state_bytes(MICRO, ddp, stages(MICRO, ddp)[0], cuda=True)["comm"] == 4 * n  # buckets
 
 
+def test_lora_state_is_the_adapters_only() -> None:
+    """Frozen base: gradients and AdamW state for the adapters peft adds (counted on the real model)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**MICRO_LLAMA)), LoraConfig(r=4, target_modules="all-linear")
+    )
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert MICRO.layers * MICRO.lora_params_per_layer(4) == adapters
+    lora = layout(lora=4)
+    state = state_bytes(MICRO, lora, stages(MICRO, lora)[0], cuda=True)
+    n = MICRO.total_params()
+    assert state == {
+        "params": 4 * (n + adapters),
+        "optimizer": 8 * adapters,
+        "grads": 4 * adapters,
+        "comm": 0.0,
+    }
+    full = estimate(MICRO, layout(micro=4), 32, cuda=False)
+    assert estimate(MICRO, layout(micro=4, lora=4), 32, cuda=False).live < full.live
+
+
 def test_loss_peak_without_and_with_fused_ce() -> None:
     tokens, v = 4 * 32, 512
     plain = estimate(MICRO, layout(micro=4), 32, cuda=False)
@@ -114,7 +136,9 @@ def test_measured_step_peak_within_ten_percent() -> None:
     from overdrive.search.measure import measure_step
 
     config = LlamaConfig(**MICRO_LLAMA)
-    for kw, micro in (({}, 4), ({"kernels": True, "activation_checkpointing": "full"}, 8)):
-        measured = measure_step(config, Strategy(**kw), 32, micro).peak_bytes
+    cells = (({}, 4), ({"kernels": True, "activation_checkpointing": "full"}, 8), ({"lora": 8}, 4))
+    for kw, micro in cells:
+        strategy = Strategy(**{k: v for k, v in kw.items() if k != "lora"})
+        measured = measure_step(config, strategy, 32, micro, lora_rank=kw.get("lora", 0)).peak_bytes
         predicted = estimate(MICRO, layout(micro=micro, **kw), 32, cuda=False).live
         assert predicted == pytest.approx(measured, rel=0.10), kw

@@ -71,6 +71,7 @@ def test_ddp_never_fits_llama3_8b() -> None:
             "global-batch-size",
         ),
         (["plan", "--model", "/no/such/dir", "--device", "h100"], "not a directory"),
+        (["plan", "--lora-r", "0", "--device", "h100"], "--lora-r must be a positive"),
     ],
 )
 def test_bad_inputs(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,3 +93,32 @@ def test_time_terms() -> None:
     one = estimate_time(shape, lay, 32, 2, h100)
     assert one.dp_comm == 0 and one.bubble == 0
     assert estimate_time(shape, ddp, 32, 16, h100).compute == pytest.approx(one.compute)
+
+
+def test_lora_plan_trains_adapters_without_tensor_parallelism(tmp_path: Path) -> None:
+    """--lora-r: gradients and optimizer state of the adapters only, no tp layouts, 4·N matmul FLOPs."""
+    full, lora = tmp_path / "full.json", tmp_path / "lora.json"
+    argv = [
+        "plan",
+        "--model-config",
+        "llama3.2-1b",
+        "--seq",
+        "2048",
+        "--device",
+        "h100",
+        "--gpus-per-node",
+        "2",
+    ]
+    assert main([*argv, "--output", str(full)]) == 0
+    assert main([*argv, "--lora-r", "16", "--output", str(lora)]) == 0
+    plans = {name: json.loads(path.read_text()) for name, path in (("full", full), ("lora", lora))}
+    assert plans["lora"]["lora_r"] == 16
+    assert not any(c["strategy"]["tensor_parallel"] != 1 for c in plans["lora"]["candidates"])
+    assert any(c["strategy"]["tensor_parallel"] != 1 for c in plans["full"]["candidates"])
+    best = {name: plan["candidates"][0] for name, plan in plans.items()}
+    assert best["lora"]["memory"]["optimizer"] < best["full"]["memory"]["optimizer"] / 50
+    shape = ModelShape.from_config(__import__("transformers").LlamaConfig(**MICRO_LLAMA))
+    one = Layout.from_strategy(Strategy(), 1, 2, 1, lora_rank=4)
+    adapters = shape.layers * shape.lora_params_per_layer(4)
+    expected = (4 * shape.non_embedding_params() + 6 * adapters + 12 * 2 * 64 * 32) * 2 * 32
+    assert step_flops(shape, one, 32, 2) == expected

@@ -10,6 +10,9 @@ storages, `tests/search/test_memory.py` re-counts them) with sdpa attention:
   fused attention in fp32 (one per head); the o_proj input is a view of the output.
 - MLP (HF): gate and up outputs, silu(gate) and the down_proj input (4·I); the fused SwiGLU recomputes silu (3·I).
 - bf16 autocast also keeps the bf16 copy of each layer weight until backward.
+- LoRA (frozen base): a frozen norm weight needs no `x·rsqrt` and a frozen matmul keeps no input, but each
+  adapter's A keeps the (shared) input and its B the r-wide A output: the layer keeps its matmul inputs as
+  before plus 7·r per token; the lm_head keeps no input.
 - selective recompute keeps the layer input and the outputs of every matmul and of attention; full recompute
   keeps only the layer input (fp32 residual stream).
 
@@ -34,7 +37,7 @@ def norm_bytes(shape: ModelShape, lay: Layout, readers: int = 1) -> float:
     """Per token: what one RMSNorm keeps and the input(s) of the `readers` matmuls that read its output."""
     h, t = shape.hidden, lay.tp
     split = t if lay.sequence_parallel else 1
-    own = F32 * (h + 1) if lay.kernels else F32 * (2 * h + 1)
+    own = F32 * (h + 1) if lay.kernels or lay.lora_rank else F32 * (2 * h + 1)
     return own / split + lay.compute_bytes * h * (readers if autocast_copies(lay) else 1)
 
 
@@ -55,6 +58,7 @@ def full_layer_bytes_per_token(shape: ModelShape, lay: Layout) -> float:
         + norm_bytes(shape, lay, 2)
         + attention_bytes(shape, lay)
         + mlp_bytes(shape, lay)
+        + 7 * lay.lora_rank * lay.compute_bytes
     )
 
 
@@ -96,6 +100,6 @@ def rope_bytes(shape: ModelShape, seq: int) -> float:
 def final_norm_bytes_per_token(shape: ModelShape, lay: Layout) -> float:
     """The final norm; with the fused CE the lm_head input is not kept (the kernel keeps gradients instead)."""
     sp = lay.tp if lay.sequence_parallel else 1
-    own = F32 * (shape.hidden + 1) if lay.kernels else F32 * (2 * shape.hidden + 1)
-    head_input = 0 if lay.kernels else lay.compute_bytes * shape.hidden
+    own = F32 * (shape.hidden + 1) if lay.kernels or lay.lora_rank else F32 * (2 * shape.hidden + 1)
+    head_input = 0 if lay.kernels or lay.lora_rank else lay.compute_bytes * shape.hidden
     return own / sp + head_input

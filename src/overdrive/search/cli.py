@@ -24,6 +24,9 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--device", help="cpu, a100-40g, a100-80g, h100, h200, ... (default: this machine)")
     p.add_argument("--gpus-per-node", type=int, default=1, help="devices per node (default 1)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument(
+        "--lora-r", type=int, default=None, help="plan LoRA fine-tuning with adapters of this rank (all-linear)"
+    )
     p.add_argument("--top", type=int, default=10, help="rows of the ranking to print (default 10)")
     p.add_argument("--output", help="write the ranking as JSON here (e.g. plan.json)")
 
@@ -56,6 +59,8 @@ def check_args(args: argparse.Namespace) -> None:
         if value < 1:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be a positive whole number, got {value}")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise UsageError(f"--lora-r must be a positive whole number, got {args.lora_r}")
     if args.vocab_size is not None and args.vocab_size < 2:
         raise UsageError(f"--vocab-size must be at least 2, got {args.vocab_size}")
     if args.output and Path(args.output).is_dir():
@@ -71,7 +76,9 @@ def run_plan(args: argparse.Namespace) -> int:
     device = resolve(args.device)
     shape, source = load_shape(args)
     world = args.nodes * args.gpus_per_node
-    ranked = plan(shape, args.seq, args.global_batch_size, device, args.nodes, args.gpus_per_node)
+    ranked = plan(
+        shape, args.seq, args.global_batch_size, device, args.nodes, args.gpus_per_node, args.lora_r or 0
+    )
     rows = shown(ranked, args.top)
     print_table(rows, ranked, args, device, shape, source, world)
     if args.output:
@@ -85,6 +92,7 @@ def run_plan(args: argparse.Namespace) -> int:
             "gpus_per_node": args.gpus_per_node,
             "device_memory_bytes": device.memory_bytes,
             "parameters": shape.total_params(),
+            "lora_r": args.lora_r,
         }
         write_json(Path(args.output), ranked, meta, args.seq, args.global_batch_size, world)
     print(f"{len(ranked)} strategies, {sum(c.fits for c in ranked)} fit; {time.perf_counter() - start:.1f} s")
@@ -99,7 +107,8 @@ def print_table(
 
     title = (
         f"{source} ({shape.total_params() / 1e9:.2f} B params), seq {args.seq}, global batch "
-        f"{args.global_batch_size}, {world} × {device.name} ({device.memory_bytes / GIB:.0f} GiB"
+        f"{args.global_batch_size}{f', LoRA r={args.lora_r}' if args.lora_r else ''}, {world} × {device.name} "
+        f"({device.memory_bytes / GIB:.0f} GiB"
         f"{', calibrated' if device.calibrated else ''})"
     )
     table = Table(title=title, title_justify="left")

@@ -33,10 +33,11 @@ class Layout:
     compile: bool = False
     micro: int = 1
     accum: int = 1
+    lora_rank: int = 0  # LoRA on every decoder matmul (peft all-linear), the base frozen; 0: full training
 
     @classmethod
     def from_strategy(
-        cls, strategy: Any, world: int, micro: int, accum: int, precision: str = "fp32"
+        cls, strategy: Any, world: int, micro: int, accum: int, precision: str = "fp32", lora_rank: int = 0
     ) -> Layout:
         tp = strategy.tp_degree(world)
         pp_field = int(getattr(strategy, "pipeline_parallel", 1))
@@ -71,6 +72,7 @@ class Layout:
             compile=bool(strategy.compile),
             micro=micro,
             accum=accum,
+            lora_rank=lora_rank,
         )
 
     @property

@@ -102,13 +102,16 @@ def measure_step(
     accum: int = 1,
     precision: str = "fp32",
     attn_implementation: str = "sdpa",
+    lora_rank: int = 0,
 ) -> StepMemory:
     """Build the model as `overdrive train` does (meta, parallelize, materialize) and measure step 2.
 
     Needs the process group the strategy asks for (`init_runtime`): run it under torchrun for several ranks.
+    `lora_rank`: LoRA adapters on every decoder matmul (peft all-linear), as `--lora-r` trains them.
     """
     from overdrive.config import TrainConfig
     from overdrive.parallel import build_engine
+    from overdrive.parallel.adapters import AdapterSpec
     from overdrive.parallel.distributed import init_runtime
     from overdrive.parallel.materialize import build_meta_model, materialize, meta_reference
     from overdrive.train.optim import make_optimizer
@@ -130,6 +133,7 @@ def measure_step(
             precision,
             micro_batch_size=micro,
             fill=lambda m: materialize(m, reference, seed=0, device=runtime.device),
+            adapters=AdapterSpec(r=lora_rank, alpha=16.0, dropout=0.0, target="all-linear") if lora_rank else None,
         )
         engine.forward_backward(batches, num_items)
         engine.step(1.0)

@@ -90,16 +90,17 @@ def fused_chunk(tokens: int, vocab: int, hidden: int, cuda: bool) -> int:
 def loss_phases(shape: ModelShape, lay: Layout, tokens: int, cuda: bool) -> dict[str, float]:
     """Bytes of the lm_head + loss in its forward peak, its backward peak and the lm_head backward."""
     v, h, c = shape.vocab / lay.tp, shape.hidden, lay.compute_bytes
+    grad_w = 0.0 if lay.lora_rank else F32 * v * h  # a frozen (LoRA) head gets no gradient
     if lay.kernels:
         chunk = fused_chunk(tokens, int(v), h, cuda)
         work = F32 * chunk * v + (c * chunk * v + c * v * h if c == 2 else 0)
-        kept = c * tokens * h + F32 * v * h  # grad_x and the fp32 grad_w, computed in forward
-        back = kept + c * tokens * h + F32 * v * h + (F32 * tokens * h if c == 2 else 0)
+        kept = c * tokens * h + grad_w  # grad_x and the fp32 grad_w, computed in forward
+        back = kept + c * tokens * h + grad_w + (F32 * tokens * h if c == 2 else 0)
         return {"forward": kept + work, "backward": back, "head": 0.0}
     logits = c * tokens * v
     forward = logits + F32 * tokens * v + (F32 * tokens * v if c == 2 else 0)
     backward = 3 * F32 * tokens * v
-    head = logits + F32 * v * h + (c * v * h if c == 2 else 0) + c * tokens * h
+    head = logits + grad_w + (c * v * h if c == 2 else 0) + c * tokens * h
     return {"forward": forward, "backward": backward, "head": head}
 
 
@@ -111,7 +112,15 @@ def local_params(shape: ModelShape, lay: Layout, stage: Stage) -> dict[str, floa
     )
     if stage.last and shape.tied and not stage.first:
         root += shape.embed_params() / lay.tp  # a tied head on its own stage holds its own copy
-    return {"layer": layer, "layers": stage.layers * layer, "root": root}
+    trainable = stage.layers * shape.lora_params_per_layer(lay.lora_rank) / lay.tp
+    return {"layer": layer, "layers": stage.layers * layer, "root": root, "trainable": trainable}
+
+
+def trainable_elems(n: dict[str, float], lay: Layout) -> tuple[float, float]:
+    """(elements with gradients and optimizer state, of them one layer's): all, or LoRA's adapters only."""
+    if lay.lora_rank:
+        return n["trainable"], n["trainable"] / max(1, n["layers"] / n["layer"])
+    return n["layers"] + n["root"], n["layer"]
 
 
 def deepspeed_resident(shape: ModelShape, lay: Layout, elems: float) -> float:
@@ -124,21 +133,22 @@ def deepspeed_resident(shape: ModelShape, lay: Layout, elems: float) -> float:
 def state_bytes(shape: ModelShape, lay: Layout, stage: Stage, cuda: bool) -> dict[str, float]:
     """Persistent bytes: parameters, optimizer state (AdamW: 2 fp32), gradients after backward, buffers."""
     n = local_params(shape, lay, stage)
-    total = n["layers"] + n["root"]
+    trained, _ = trainable_elems(n, lay)
+    total = n["layers"] + n["root"] + (n["trainable"] if lay.lora_rank else 0)
     shard = lay.shard if lay.zero_stage >= 1 else 1
     params = F32 * total
     if lay.fsdp or (lay.deepspeed and lay.zero_stage == 3):
         params = F32 * (deepspeed_resident(shape, lay, total) if lay.deepspeed else total / shard)
-    grads = F32 * total / (shard if lay.fsdp or lay.zero_stage >= 2 else 1)
-    optimizer = 2 * F32 * total / shard
+    grads = F32 * trained / (shard if lay.fsdp or lay.zero_stage >= 2 else 1)
+    optimizer = 2 * F32 * trained / shard
     persistent_comm = 0.0
     if lay.data_parallel == "ddp" and lay.engine == "torch" and lay.world > 1:
-        persistent_comm = F32 * total  # DDP's gradient buckets (gradient_as_bucket_view is off)
+        persistent_comm = F32 * trained  # DDP's gradient buckets (gradient_as_bucket_view is off)
     if lay.deepspeed and lay.param_dtype == "bf16":
         params = params / 2  # the module runs in bf16; the fp32 master lives with the optimizer
         grads = grads / 2
     if lay.deepspeed and lay.zero_stage >= 1:
-        optimizer += F32 * total / lay.dp  # fp32 master partition of the flat groups
+        optimizer += F32 * trained / lay.dp  # fp32 master partition of the flat groups
         if lay.zero_stage >= 2:
             persistent_comm += grads  # the flat gradient partition is allocated up front
             # and one reduce bucket of reduce_bucket_size elements, whatever the model's size
@@ -203,8 +213,8 @@ def stage_peak(shape: ModelShape, lay: Layout, seq: int, stage: Stage, cuda: boo
     mb_acts = sum(kept) + outer
     other = (stage.in_flight - 1) * mb_acts
     loss = loss_phases(shape, lay, tokens, cuda) if stage.last else {"forward": 0, "backward": 0, "head": 0}
-    grad_elems_layer = n["layer"]
-    unsharded_grads = (2 if lay.param_dtype == "bf16" else F32) * (n["layers"] + n["root"])
+    trained, grad_elems_layer = trainable_elems(n, lay)
+    unsharded_grads = (2 if lay.param_dtype == "bf16" else F32) * trained
     # gradients already there when the last micro-batch starts: FSDP without sync accumulates them unsharded
     if lay.accum > 1:
         acc = (
@@ -229,10 +239,10 @@ def stage_peak(shape: ModelShape, lay: Layout, seq: int, stage: Stage, cuda: boo
     if stage.last:
         add("loss backward", acc, other + mb_acts, loss["backward"], gathered["backward"], 0.0)
         if loss["head"]:
-            head_grad = F32 * shape.vocab * shape.hidden / lay.tp
+            head_grad = 0.0 if lay.lora_rank else F32 * shape.vocab * shape.hidden / lay.tp
             add("lm_head backward", acc + head_grad, other + mb_acts, loss["head"], gathered["backward"], 0.0)
     # the head (and final norm) gradients exist once the loss backward is through; the embedding's at the end
-    head_elems = (shape.vocab * shape.hidden / lay.tp + shape.hidden) if stage.last else 0.0
+    head_elems = (shape.vocab * shape.hidden / lay.tp + shape.hidden) if stage.last and not lay.lora_rank else 0.0
     # (a tied head's gradient waits in autograd's input buffer for the embedding's, beside the accumulated one)
     done = (
         F32 * head_elems / (lay.shard if lay.fsdp else 1) if acc == 0 else acc + F32 * head_elems * shape.tied
@@ -253,7 +263,8 @@ def stage_peak(shape: ModelShape, lay: Layout, seq: int, stage: Stage, cuda: boo
             done += grad_step if acc == 0 else 0.0
             continue
         work = full + back_work + (kept[k] if modes[k] == "full" else 0)
-        mlp_grad = layer_grad * shape.hidden * shape.intermediate / lay.tp / grad_elems_layer  # down_proj's
+        down = lay.lora_rank * (shape.intermediate + shape.hidden) or shape.hidden * shape.intermediate / lay.tp
+        mlp_grad = layer_grad * down / grad_elems_layer  # down_proj's (its adapter's under LoRA)
         add(
             f"layer {k} backward",
             done + mlp_grad,
@@ -263,7 +274,7 @@ def stage_peak(shape: ModelShape, lay: Layout, seq: int, stage: Stage, cuda: boo
             work,
         )
         done += grad_step if acc == 0 else 0.0
-    if stage.first:
+    if stage.first and not lay.lora_rank:  # a frozen embedding has no backward
         add("embedding backward", *embedding_phase(shape, lay, state, acc, other), gathered["backward"], 0.0)
     add("optimizer", state["grads"], other, 0.0, 0.0, optimizer_temporaries(lay, state))
     best = MemoryEstimate(*max(phases, key=lambda p: p[0])[1])

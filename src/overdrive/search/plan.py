@@ -165,16 +165,26 @@ def offload_choices(kind: str, device: Device) -> tuple[str, ...]:
 
 
 def plan(
-    shape: ModelShape, seq: int, global_batch: int, device: Device, nodes: int, gpus_per_node: int
+    shape: ModelShape,
+    seq: int,
+    global_batch: int,
+    device: Device,
+    nodes: int,
+    gpus_per_node: int,
+    lora_rank: int = 0,
 ) -> list[Candidate]:
-    """Every valid candidate, predicted; fitting ones first by step time, then the rest by peak memory."""
+    """Every valid candidate, predicted; fitting ones first by step time, then the rest by peak memory.
+
+    `lora_rank` > 0 plans LoRA fine-tuning (all-linear adapters, frozen base; no tensor parallelism)."""
     world = nodes * gpus_per_node
     out = []
     memo: dict[Layout, MemoryEstimate] = {}
     for kind, strategy, precision, micro, accum in candidates(
         shape, seq, global_batch, device, world, gpus_per_node
     ):
-        layout = Layout.from_strategy(strategy, world, micro, accum, precision)
+        if lora_rank and strategy.tensor_parallel != 1:
+            continue  # adapters do not run under tensor parallelism (overdrive.parallel.adapters)
+        layout = Layout.from_strategy(strategy, world, micro, accum, precision, lora_rank)
         key = dataclasses.replace(layout, compile=False)  # compiling changes time, not the memory model
         if key not in memo:
             memo[key] = estimate(shape, layout, seq, cuda=device.cuda)

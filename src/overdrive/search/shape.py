@@ -59,6 +59,11 @@ class ModelShape:
         bias = (self.q_dim + 2 * self.kv_dim + h) * self.attention_bias + (2 * i + h) * self.mlp_bias
         return attn + 3 * h * i + bias
 
+    def lora_params_per_layer(self, rank: int) -> int:
+        """A (in x r) and B (r x out) of each of the seven decoder matmuls, peft's all-linear targets."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        return rank * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+
     def layer_params(self) -> int:
         return self.layer_matmul_params() + 2 * self.hidden  # + two RMSNorm weights
 

@@ -8,6 +8,8 @@
   Data-parallel collectives overlap with compute except for a tail; tensor-parallel ones are exposed.
 - pipeline: (stages − 1) ÷ (micro-batches + stages − 1) of the step is bubble.
 - offload: the optimizer state crosses PCIe twice per step and the CPU runs the update.
+- LoRA: frozen weights skip their weight-gradient matmuls (4·N instead of 6·N) and only the adapters'
+  gradients are reduced.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def step_flops(shape: ModelShape, lay: Layout, seq: int, global_batch: int) -> f
     """Model FLOPs of one optimizer step over all devices, with the forward recompute repeats."""
     tokens = global_batch * seq
     layer_fwd = 2 * shape.layer_params() + 4 * shape.hidden * seq  # per token: matmuls + attention scores
-    base = (6 * shape.non_embedding_params() + 12 * shape.layers * shape.hidden * seq) * tokens
+    matmul = 6 * shape.non_embedding_params()
+    if lay.lora_rank:  # frozen weights get no weight gradient (4·N); the adapters train fully (6·A)
+        matmul = 4 * shape.non_embedding_params() + 6 * shape.layers * shape.lora_params_per_layer(lay.lora_rank)
+    base = (matmul + 12 * shape.layers * shape.hidden * seq) * tokens
     recomputed = lay.recomputed_layers(shape.layers)
     return base + recomputed * layer_fwd * tokens
 
@@ -59,6 +64,9 @@ def dp_comm_seconds(shape: ModelShape, lay: Layout, device: Device, gpus_per_nod
     if lay.dp == 1:
         return 0.0
     elems = shape.total_params() / (lay.tp * lay.pp)
+    grads = elems  # LoRA: only the adapters have gradients to reduce; frozen sharded weights are still gathered
+    if lay.lora_rank:
+        grads = shape.layers * shape.lora_params_per_layer(lay.lora_rank) / (lay.tp * lay.pp)
     frac = (lay.dp - 1) / lay.dp
     grad_b = 2 if lay.reduce_dtype == "bf16" else 4
     param_b = 2 if lay.param_dtype == "bf16" else 4
@@ -68,12 +76,12 @@ def dp_comm_seconds(shape: ModelShape, lay: Layout, device: Device, gpus_per_nod
         else link(device, lay.dp, gpus_per_node)
     )
     if lay.zero_stage == 0:
-        volume = 2 * frac * elems * grad_b  # ring all-reduce
+        volume = 2 * frac * grads * grad_b  # ring all-reduce
     elif lay.zero_stage in (1, 2):
         gathers = lay.accum if (lay.fsdp and lay.zero_stage == 2) else 1
-        volume = frac * elems * (grad_b + gathers * param_b)
+        volume = frac * (grads * grad_b + elems * gathers * param_b)
     else:
-        volume = frac * elems * (grad_b + 2 * lay.accum * param_b)
+        volume = frac * (grads * grad_b + elems * 2 * lay.accum * param_b)
     return volume / bw
 
 
