@@ -222,16 +222,22 @@ def main() -> int:
     parser.add_argument("--max-wait", type=float, default=300, help="seconds to wait for it per run")
     parser.add_argument("--limit", type=int, default=None, help="run only the first N cells (smoke test)")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--reuse-grid", default=None, help="grid.json of an earlier run: only run the tunes")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="search-efficiency-"))
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     print(f"search efficiency: work dir {work}, load {os.getloadavg()}", flush=True)
-    grid_rows = run_grid(args, work)
+    if args.reuse_grid:  # a finished grid (e.g. after a tune failed): the same cells, not measured again
+        grid_rows = json.loads(Path(args.reuse_grid).read_text())
+    else:
+        grid_rows = run_grid(args, work)
+        (work / "grid.json").write_text(json.dumps(grid_rows, indent=1))
+        print(f"grid saved: {work / 'grid.json'} (--reuse-grid to score tune against it again)", flush=True)
     grid = {key_of(r): r["tokens_per_sec"] for r in grid_rows if r["status"] == "ok"}
     best_key = max(grid, key=grid.__getitem__)
     grid_best = grid[best_key]
-    trials = int(BUDGET * len(grid_rows))
+    trials = max(2, int(BUDGET * len(grid_rows)))
     tunes = []
     for seed in (int(s) for s in args.seeds.split(",")):
         tune = run_tune(args, work, seed, trials)
