@@ -29,15 +29,7 @@ TOLERANCE = 0.10
 SEQ = 256
 
 CONFIGS = {
-    "tiny": dict(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8000,
-        tie_word_embeddings=True,
-    ),
+    "tiny": dict(vocab_size=8000),  # the `tiny` preset (overdrive.modeling), vocabulary 8000
     "100m": dict(
         hidden_size=768,
         intermediate_size=2048,
@@ -78,7 +70,9 @@ CELLS: list[tuple[str, str, dict, int, int, int]] = [
 def llama_config(name: str):  # noqa: ANN201
     from transformers import LlamaConfig
 
-    return LlamaConfig(**CONFIGS[name])
+    from overdrive.modeling import LLAMA_PRESETS
+
+    return LlamaConfig(**LLAMA_PRESETS.get(name, {}), **CONFIGS[name])
 
 
 def strategy_for(preset: str, overrides: dict):  # noqa: ANN201

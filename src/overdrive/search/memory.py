@@ -112,7 +112,7 @@ def local_params(shape: ModelShape, lay: Layout, stage: Stage) -> dict[str, floa
     )
     if stage.last and shape.tied and not stage.first:
         root += shape.embed_params() / lay.tp  # a tied head on its own stage holds its own copy
-    trainable = stage.layers * shape.lora_params_per_layer(lay.lora_rank) / lay.tp
+    trainable = stage.layers * shape.lora_params_per_layer(lay.lora_rank) / lay.tp  # this stage's layers
     return {"layer": layer, "layers": stage.layers * layer, "root": root, "trainable": trainable}
 
 

@@ -64,6 +64,10 @@ class ModelShape:
         h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
         return rank * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
 
+    def lora_params(self, rank: int) -> int:
+        """Adapter parameters of the whole model (every decoder layer)."""
+        return self.layers * self.lora_params_per_layer(rank)
+
     def layer_params(self) -> int:
         return self.layer_matmul_params() + 2 * self.hidden  # + two RMSNorm weights
 

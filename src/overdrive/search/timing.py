@@ -49,7 +49,7 @@ def step_flops(shape: ModelShape, lay: Layout, seq: int, global_batch: int) -> f
     layer_fwd = 2 * shape.layer_params() + 4 * shape.hidden * seq  # per token: matmuls + attention scores
     matmul = 6 * shape.non_embedding_params()
     if lay.lora_rank:  # frozen weights get no weight gradient (4·N); the adapters train fully (6·A)
-        matmul = 4 * shape.non_embedding_params() + 6 * shape.layers * shape.lora_params_per_layer(lay.lora_rank)
+        matmul = 4 * shape.non_embedding_params() + 6 * shape.lora_params(lay.lora_rank)
     base = (matmul + 12 * shape.layers * shape.hidden * seq) * tokens
     recomputed = lay.recomputed_layers(shape.layers)
     return base + recomputed * layer_fwd * tokens
@@ -66,7 +66,7 @@ def dp_comm_seconds(shape: ModelShape, lay: Layout, device: Device, gpus_per_nod
     elems = shape.total_params() / (lay.tp * lay.pp)
     grads = elems  # LoRA: only the adapters have gradients to reduce; frozen sharded weights are still gathered
     if lay.lora_rank:
-        grads = shape.layers * shape.lora_params_per_layer(lay.lora_rank) / (lay.tp * lay.pp)
+        grads = shape.lora_params(lay.lora_rank) / (lay.tp * lay.pp)
     frac = (lay.dp - 1) / lay.dp
     grad_b = 2 if lay.reduce_dtype == "bf16" else 4
     param_b = 2 if lay.param_dtype == "bf16" else 4

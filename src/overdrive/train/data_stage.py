@@ -64,11 +64,11 @@ def read_data(cfg: TrainConfig) -> RawData:
 
 
 def prepare_data(
-    cfg: TrainConfig, strategy: Strategy, runtime: Runtime, run_dir: Path | None, raw_data: RawData | None = None
+    cfg: TrainConfig, strategy: Strategy, runtime: Runtime, run_dir: Path | None, raw_data: RawData
 ) -> TrainData:
-    """Tokenize and pack `raw_data` (read now when None); `run_dir`: the run being resumed, whose saved
-    tokenizer a from-scratch run must keep using."""
-    raw, text_column, source = raw_data if raw_data is not None else read_data(cfg)
+    """Tokenize and pack `raw_data` (`read_data`); `run_dir`: the run being resumed, whose saved tokenizer a
+    from-scratch run must keep using."""
+    raw, text_column, source = raw_data
     tokenizer, lm, stats = tokenize_data(cfg, raw, text_column, runtime, run_dir)
     train_rows = first_rows(lm["train"], cfg.max_train_samples)
     validation = first_rows(lm["validation"], cfg.max_eval_samples) if "validation" in lm else None
