@@ -7,12 +7,15 @@ cannot fit is pruned without running; the plan's best predictions are the first 
 (overdrive.search.trial). A trial that ends in OOM, a crash or a timeout is told to optuna as PRUNED, never as
 a throughput of 0: TPE ranks it behind every measured trial without a made-up number. A proposal that repeats
 a measured point costs nothing (FAIL, ignored by TPE) and the nearest unmeasured point is tried instead.
+The last runs of the budget re-measure the fastest points back to back (one 3-step run is ±10% on a shared
+machine, enough to swap two close points); points are ranked by the median of all their runs.
 The winner is checked with `overdrive verify`, written as best.yaml and cached for `--strategy auto`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +58,7 @@ class Trial:
 
     number: int
     point: Point
-    source: str  # plan | tpe | neighbour
+    source: str  # plan | tpe | neighbour | confirm
     candidate: Any  # overdrive.search.plan.Candidate
     result: TrialResult
 
@@ -180,6 +183,11 @@ def seed_count(trials: int) -> int:
     return max(1, min(4, trials // 4))
 
 
+def confirm_count(trials: int, requested: int) -> int:
+    """Re-measurement runs taken from the trial budget: at most a quarter of it, so the search keeps most."""
+    return max(0, min(requested, trials // 4))
+
+
 def search(
     space: Space,
     base: Any,
@@ -191,8 +199,10 @@ def search(
     trial_steps: int,
     trial_timeout: float,
     report: Any = print,
+    confirm: int = 0,
 ) -> list[Trial]:
-    """Run up to `trials` measured trials guided by optuna; every trial run is returned in order."""
+    """Run up to `trials` measured runs: optuna-guided trials, then `confirm` re-measurements of the fastest
+    points (`confirm_count`); every run is returned in order."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -207,7 +217,8 @@ def search(
     start = time.perf_counter()
     asks, max_asks = 0, 50 * trials + len(space.order)
     feasible_count = len(space.feasible_points())
-    while len(history) < trials and len(done) < feasible_count and asks < max_asks:
+    explore = trials - confirm
+    while len(history) < explore and len(done) < feasible_count and asks < max_asks:
         remaining = None if time_budget is None else time_budget - (time.perf_counter() - start)
         if remaining is not None and remaining <= 0:
             report(f"time budget of {time_budget:g} s spent after {len(history)} trials")
@@ -242,7 +253,48 @@ def search(
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         report(trial_line(record, trials, base.block_size, base.global_batch_size, world))
         base = reuse_tokenizer(base, result)
+    deadline = None if time_budget is None else start + time_budget
+    history += remeasure(
+        history, base, out, trials, world, confirm, deadline, trial_steps, trial_timeout, report
+    )
     return history
+
+
+def remeasure(
+    history: list[Trial],
+    base: Any,
+    out: Path,
+    trials: int,
+    world: int,
+    count: int,
+    deadline: float | None,
+    trial_steps: int,
+    trial_timeout: float,
+    report: Any,
+) -> list[Trial]:
+    """Run the `count` fastest measured points once more, back to back, so that the choice between close
+    points rests on runs made under the same machine conditions rather than on one run each."""
+    top = best_trials(history)[:count]
+    if len(top) < 2:  # nothing to choose between
+        return []
+    reruns: list[Trial] = []
+    for first in top:
+        if deadline is not None and time.perf_counter() >= deadline:
+            report("time budget spent; re-measurement cut short")
+            break
+        number = len(history) + len(reruns)
+        timeout = (
+            trial_timeout
+            if deadline is None
+            else max(1.0, min(trial_timeout, deadline - time.perf_counter()))
+        )
+        result = run_trial(
+            base, spec_for(first.candidate, world), out / "trials" / f"{number:03d}", trial_steps, timeout
+        )
+        record = Trial(number, first.point, "confirm", first.candidate, result)
+        reruns.append(record)
+        report(trial_line(record, trials, base.block_size, base.global_batch_size, world))
+    return reruns
 
 
 def reuse_tokenizer(base: Any, result: TrialResult) -> Any:
@@ -267,6 +319,16 @@ def trial_line(t: Trial, trials: int, seq: int, global_batch: int, world: int) -
     )
 
 
+def point_rate(history: list[Trial], point: Point) -> float | None:
+    """The point's throughput: the median over all its finished runs (None when none finished)."""
+    rates = [t.tokens_per_sec for t in history if t.point == point and t.tokens_per_sec is not None]
+    return statistics.median(rates) if rates else None
+
+
 def best_trials(history: list[Trial]) -> list[Trial]:
-    """Measured trials, fastest first."""
-    return sorted((t for t in history if t.result.ok), key=lambda t: -(t.tokens_per_sec or 0.0))
+    """One trial per measured point (its first finished run), fastest point first by `point_rate`."""
+    first: dict[Point, Trial] = {}
+    for t in history:
+        if t.result.ok:
+            first.setdefault(t.point, t)
+    return sorted(first.values(), key=lambda t: -(point_rate(history, t.point) or 0.0))

@@ -46,7 +46,14 @@ def add_tune_parser(sub: Any) -> None:
     )
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     add_train_arguments(p)
-    p.add_argument("--trials", type=int, default=12, help="measured trials at most (default 12)")
+    p.add_argument("--trials", type=int, default=12, help="measured runs at most (default 12)")
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=3,
+        help="of those runs, re-measure the N fastest points once more before choosing (default 3, at most "
+        "a quarter of --trials; 0: off)",
+    )
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no new trial starts after it")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks each trial runs on (default 1)")
     p.add_argument(
@@ -76,6 +83,8 @@ def check_tune_args(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}"
             )
+    if args.confirm < 0:
+        raise UsageError(f"--confirm must be 0 (off) or a positive number of points, got {args.confirm}")
     for name in ("time_budget", "trial_timeout"):
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -213,7 +222,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from overdrive.search import cache
     from overdrive.search.hardware import resolve
     from overdrive.search.plan import plan
-    from overdrive.search.tune import build_space, search
+    from overdrive.search.tune import build_space, confirm_count, point_rate, search
     from overdrive.search.tune_report import write_outputs
 
     check_tune_args(args)
@@ -244,6 +253,7 @@ def run_tune(args: argparse.Namespace) -> int:
         args.trial_steps,
         args.trial_timeout,
         report=lambda line: print(line, flush=True),
+        confirm=confirm_count(args.trials, args.confirm),
     )
     winner, checks = choose_winner(history, cfg, out, world, not args.no_verify)
     key = cache.key_for_config(cfg, world, device.name)
@@ -267,7 +277,8 @@ def run_tune(args: argparse.Namespace) -> int:
         raise TuneFailed(failure_line(history, checks, out))
     path = cache.store_tuned(key, result)
     print(
-        f"best: {winner.point.describe()}, {winner.tokens_per_sec:,.0f} tok/s -> {out / 'best.yaml'} (cached {path})"
+        f"best: {winner.point.describe()}, {point_rate(history, winner.point):,.0f} tok/s -> {out / 'best.yaml'} "
+        f"(cached {path})"
     )
     return 0
 

@@ -39,8 +39,8 @@ def trial_dict(t: Any, seq: int, global_batch: int, world: int) -> dict[str, Any
     }
 
 
-def tune_result(winner: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """What the cache stores and `--strategy auto` reads."""
+def tune_result(winner: Any, rate: float, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the cache stores and `--strategy auto` reads; `rate`: the winner's median over its runs."""
     from overdrive.search.tune import predicted_tokens_per_sec, spec_for
 
     seq, gb, world = meta["seq"], meta["global_batch_size"], meta["world"]
@@ -49,10 +49,11 @@ def tune_result(winner: Any, meta: dict[str, Any]) -> dict[str, Any]:
         "strategy": spec_for(c, world).strategy.to_dict(),
         "precision": c.precision,
         "micro_batch_size": c.micro,
-        "tokens_per_sec": winner.tokens_per_sec,
+        "tokens_per_sec": rate,
         "peak_memory_bytes": winner.result.peak_memory_bytes,
         "predicted_tokens_per_sec": predicted_tokens_per_sec(c, seq, gb, world),
         "describe": winner.point.describe(),
+        "params": winner.point.params(),
         "verified": any(v["verdict"] == "pass" for v in meta["verify"]) if meta["verify"] else None,
         "seq": seq,
         "global_batch_size": gb,
@@ -70,7 +71,9 @@ def write_outputs(out: Path, history: list[Any], winner: Any, meta: dict[str, An
     meta = {**meta, "trials_run": len(history)}
     seq, gb, world = meta["seq"], meta["global_batch_size"], meta["world"]
     trials = [trial_dict(t, seq, gb, world) for t in history]
-    result = tune_result(winner, meta) if winner is not None else None
+    from overdrive.search.tune import point_rate
+
+    result = tune_result(winner, point_rate(history, winner.point), meta) if winner is not None else None
     write_json(out / "tune.json", {**meta, "best": result, "trials": trials})
     write_text(out / "tune.md", markdown(trials, result, meta))
     try:
@@ -114,7 +117,8 @@ def markdown(trials: list[dict[str, Any]], result: dict[str, Any] | None, meta: 
         f"{meta['sampler_seed']}); {meta['feasible_points']} of {meta['space_points']} points fit by the plan; "
         f"{meta['elapsed_sec']:.0f} s.",
         "",
-        "Throughput: median per-step tokens/s after warm-up (all ranks). Memory: predicted live peak per rank vs "
+        "Throughput: median per-step tokens/s after warm-up (all ranks); rows from `confirm` re-measure the "
+        "fastest points back to back, and a point's rate is the median of its runs. Memory: predicted live peak per rank vs "
         + (
             "the measured process RSS high-water mark (rank 0; RSS also holds the Python/torch runtime)."
             if cpu
@@ -138,7 +142,7 @@ def markdown(trials: list[dict[str, Any]], result: dict[str, Any] | None, meta: 
         lines.append("**No winner**: no trial finished, or none of the fastest passed `overdrive verify`.")
     else:
         lines.append(
-            f"**Best**: {result['describe']} — {result['tokens_per_sec']:,.0f} tokens/s, written to `best.yaml`; "
+            f"**Best**: {result['describe']} — {result['tokens_per_sec']:,.0f} tokens/s (median of its runs), written to `best.yaml`; "
             f"train with `--precision {result['precision']}`."
         )
     for check in meta["verify"]:
