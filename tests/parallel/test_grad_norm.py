@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from overdrive.parallel.grad_norm import squared_norm, total_norm
+from overdrive.parallel.grad_norm import clip_, squared_norm, total_norm
 
 TOL = 1e-7
 
@@ -31,6 +31,27 @@ def test_plain_cpu_norm_is_accurate() -> None:
 
 def test_empty_gradients_have_zero_norm() -> None:
     assert float(squared_norm([])) == 0.0
+
+
+def test_clip_scales_like_torch_clip_grad_norm() -> None:
+    """fp32 gradients: torch's clip_grad_norm_ coefficient within fp32 round-off (1e-6 relative); bf16 ones:
+    each element is the fp32 product rounded once to bf16, so equal to (g.float() * coef).bfloat16()."""
+    params = [torch.nn.Parameter(torch.zeros(300, 40)), torch.nn.Parameter(torch.zeros(17))]
+    for p, seed in zip(params, (0, 1), strict=True):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(seed))
+    ours = [p.grad.clone() for p in params]
+    clip_(ours, total_norm(ours), 0.5)
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    for got, want in zip(ours, params, strict=True):
+        torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=0)
+    small = [g.clone() * 1e-4 for g in ours]
+    clip_(small, total_norm(small), 0.5)  # below the bound: untouched
+    assert all(torch.equal(a, b * 1e-4) for a, b in zip(small, ours, strict=True))
+    half = torch.randn(1000, generator=torch.Generator().manual_seed(2)).bfloat16()
+    total = total_norm([half])
+    expected = (half.float() * torch.clamp(0.5 / (total + 1e-6), max=1.0).float()).bfloat16()
+    clip_([half], total, 0.5)
+    assert torch.equal(half, expected)
 
 
 def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -134,21 +134,13 @@ class TorchEngine(MicroBatchEngine):
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
     """Pre-clip global grad norm over plain and DTensor gradients (any mesh); clips in place when max_norm > 0."""
-    from torch.distributed.tensor import DTensor
-
-    from overdrive.parallel.grad_norm import total_norm
+    from overdrive.parallel.grad_norm import clip_, total_norm
 
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
     total = total_norm(grads)
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).float()
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for g in local:
-            by_device.setdefault((g.device, g.dtype), []).append(g)
-        for (device, _), group in by_device.items():
-            torch._foreach_mul_(group, coef.to(device))
+        clip_(grads, total, max_norm)
     value = float(total)
     return value if math.isfinite(value) else float("nan")

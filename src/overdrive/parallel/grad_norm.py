@@ -65,3 +65,18 @@ def squared_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
 def total_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
     """The global 2-norm of `grads` (see `squared_norm`), fp64."""
     return squared_norm(grads).sqrt()
+
+
+def clip_(grads: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` (plain or DTensor, in place) by min(1, max_norm / total), as torch's clip_grad_norm_.
+
+    The coefficient stays fp32 (a bf16 gradient is multiplied in fp32 and rounded once)."""
+    from torch.distributed.tensor import DTensor
+
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).float()
+    by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        by_device.setdefault((local.device, local.dtype), []).append(local)
+    for (device, _), group in by_device.items():
+        torch._foreach_mul_(group, coef.to(device))

@@ -22,7 +22,7 @@ from torch import nn
 
 from overdrive.core.engine import Batch, OptimizerFactory, SchedulerFactory, autocast, local_value
 from overdrive.core.runtime import Runtime
-from overdrive.parallel.grad_norm import squared_norm
+from overdrive.parallel.grad_norm import clip_, squared_norm
 from overdrive.parallel.pipeline import SCHEDULE_CLASSES, STAGE_ATTR, StageSpec
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class PipelineEngine:
         counted = self._gradients()
         total = self._from_last_stage(squared_norm(counted)).sqrt()
         if max_grad_norm > 0:
-            _scale(grads, torch.clamp(max_grad_norm / (total + 1e-6), max=1.0))
+            clip_(grads, total, max_grad_norm)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
             optimizer.step()
             scheduler.step()
@@ -263,14 +263,6 @@ def _stage_holders(strategy: Strategy, pp: int, n_stages: int) -> list[int]:
         for stage in stages_of_rank(rank, pp, strategy.virtual_stages, strategy.pipeline_schedule):
             holder[stage] = rank
     return holder
-
-
-def _scale(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
-    from torch.distributed.tensor import DTensor
-
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
-        local.mul_(coef.to(local.device, local.dtype))
 
 
 class TiedEmbeddingSync:
