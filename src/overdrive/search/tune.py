@@ -272,11 +272,14 @@ def remeasure(
     trial_timeout: float,
     report: Any,
 ) -> list[Trial]:
-    """Run the `count` fastest measured points once more, back to back, so that the choice between close
-    points rests on runs made under the same machine conditions rather than on one run each."""
-    top = best_trials(history)[:count]
-    if len(top) < 2:  # nothing to choose between
+    """Spend `count` runs re-measuring the leading points in turn (leader, runner-up, leader, ...), so the
+    choice between close points rests on runs made under the same machine conditions, and the leader's rate
+    is a median of three runs: one slow or one lucky run cannot decide it alone."""
+    ranked = best_trials(history)
+    if len(ranked) < 2:  # nothing to choose between
         return []
+    leaders = ranked[: max(1, (count + 1) // 2)]
+    top = [leaders[i % len(leaders)] for i in range(count)]
     reruns: list[Trial] = []
     for first in top:
         if deadline is not None and time.perf_counter() >= deadline:

@@ -51,8 +51,8 @@ def add_tune_parser(sub: Any) -> None:
         "--confirm",
         type=int,
         default=3,
-        help="of those runs, re-measure the N fastest points once more before choosing (default 3, at most "
-        "a quarter of --trials; 0: off)",
+        help="of those runs, spend N re-measuring the leading points in turn before choosing (default 3: "
+        "leader, runner-up, leader; at most a quarter of --trials; 0: off)",
     )
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no new trial starts after it")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks each trial runs on (default 1)")
@@ -84,7 +84,7 @@ def check_tune_args(args: argparse.Namespace) -> None:
                 f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}"
             )
     if args.confirm < 0:
-        raise UsageError(f"--confirm must be 0 (off) or a positive number of points, got {args.confirm}")
+        raise UsageError(f"--confirm must be 0 (off) or a positive number of runs, got {args.confirm}")
     for name in ("time_budget", "trial_timeout"):
         value = getattr(args, name)
         if value is not None and not value > 0:

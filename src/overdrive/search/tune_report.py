@@ -118,7 +118,8 @@ def markdown(trials: list[dict[str, Any]], result: dict[str, Any] | None, meta: 
         f"{meta['elapsed_sec']:.0f} s.",
         "",
         "Throughput: median per-step tokens/s after warm-up (all ranks); rows from `confirm` re-measure the "
-        "fastest points back to back, and a point's rate is the median of its runs. Memory: predicted live peak per rank vs "
+        "leading points in turn, and a point's rate is the median of its runs. "
+        "Memory: predicted live peak per rank vs "
         + (
             "the measured process RSS high-water mark (rank 0; RSS also holds the Python/torch runtime)."
             if cpu
