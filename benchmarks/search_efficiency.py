@@ -13,7 +13,7 @@ Usage (from the repo root)::
    interleaved rounds, and their grid value is the median of the three runs: one run is ±10% on this
    machine, and the reference tune is scored against must not be one lucky or unlucky run.
 2. `overdrive tune` with sampler seeds 0, 1, 2, a budget of 25% of the grid (12 runs, the last 3 of which
-   re-measure tune's fastest points), over the same 48 points (`--space micro=2,4,8 --space
+   re-measure tune's leading points), over the same 48 points (`--space micro=2,4,8 --space
    recompute=none,full`), each a fresh command in its own process.
 3. For each tune: the grid's throughput of the point tune picked (the same measurement for every point, so
    noise between the two runs does not decide the verdict) against the grid's best, and tune's own measured
@@ -343,7 +343,7 @@ def report(
     print(
         f"grid best: {grid_best:,.0f} tok/s ({best_key}); load during the grid {min(loads):.2f}-{max(loads):.2f}"
     )
-    print(f"\ntune: {trials} runs each (25% of {len(rows)}; the last 3 re-measure tune's fastest points)")
+    print(f"\ntune: {trials} runs each (25% of {len(rows)}; the last 3 re-measure tune's leading points)")
     for t in tunes:
         s = t["score"]
         print(
