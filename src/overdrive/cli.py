@@ -210,6 +210,9 @@ def quiet_libraries(debug: bool) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     # DTensor advises on multi-dimensional redistributions (clipping and export under FSDP × TP): not for users
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    # bitsandbytes (imported through transformers → peft) warns on CPUs with AVX512-BF16 that it cannot fetch an
+    # optional QLoRA kernel from the hub; its own CPU path runs instead, and the line would precede every error
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
