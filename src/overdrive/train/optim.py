@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import get_scheduler
 
 from overdrive.config import TrainConfig
 from overdrive.errors import UsageError
@@ -247,6 +246,10 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
+    # imported here: transformers.optimization pulls in peft and bitsandbytes (~3 s), which a run that stops
+    # at a bad flag or a bad file should not wait for
+    from transformers import get_scheduler
+
     warm = warmup_steps(cfg, total_steps)
     if cfg.lr_scheduler == "cosine":
         return get_scheduler(
