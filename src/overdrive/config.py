@@ -83,7 +83,10 @@ class TrainConfig:
     # optimisation
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
     num_train_epochs: float = field(default=3.0, metadata={"help": "epochs when --max-steps is not set"})
-    micro_batch_size: int = field(default=8, metadata={"help": "rows per forward pass"})
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "rows per forward pass (default: up to 8, as many as divide each data-parallel rank's rows)"},
+    )
     global_batch_size: int = field(default=8, metadata={"help": "rows per optimizer step (all ranks)"})
     gradient_accumulation_steps: int | None = field(
         default=None,
@@ -170,13 +173,13 @@ MAX_INT = 2**63 - 1  # everything below ends up in int64 tensors or counters
 
 POSITIVE_INTS = (
     "block_size",
-    "micro_batch_size",
     "global_batch_size",
     "logging_steps",
     "galore_rank",
     "galore_update_gap",
 )
 OPTIONAL_POSITIVE_INTS = (
+    "micro_batch_size",
     "lora_r",
     "max_steps",
     "eval_steps",
@@ -405,7 +408,10 @@ def resolve_global_batch(cfg: TrainConfig, explicit_global: bool) -> None:
     """HF's rule: global batch = per-device batch × ranks × accumulation, when accumulation is given."""
     if cfg.gradient_accumulation_steps is None:
         return
+    from overdrive.parallel.strategy import DEFAULT_MICRO_BATCH
+
     world = world_size_from_env()
+    cfg.micro_batch_size = cfg.micro_batch_size or DEFAULT_MICRO_BATCH  # HF's per-device batch default
     derived = cfg.micro_batch_size * world * cfg.gradient_accumulation_steps
     if explicit_global and cfg.global_batch_size != derived:
         raise UsageError(

@@ -191,6 +191,20 @@ def test_resolve_batch() -> None:
         Strategy(data_parallel="ddp").validate(3, global_batch_size=8)
 
 
+def test_default_micro_batch_is_at_most_eight_rows_and_fits_the_rank() -> None:
+    """Unset micro batch: the largest divisor of each data-parallel rank's rows up to 8 (no error when the
+    global batch leaves fewer rows per rank), and enough micro-batches to fill a pipeline."""
+    assert Strategy().resolve_batch(8, 1) == (8, 1)
+    assert Strategy(data_parallel="fsdp").resolve_batch(8, 2) == (4, 1)
+    assert Strategy().resolve_batch(64, 1) == (8, 8)
+    assert Strategy().resolve_batch(12, 1) == (6, 2)
+    assert Strategy().resolve_batch(7, 1) == (7, 1)
+    assert Strategy(pipeline_parallel=2).resolve_batch(8, 1) == (4, 2)
+    assert Strategy(pipeline_parallel=4).resolve_batch(8, 1) == (2, 4)
+    with pytest.raises(UsageError, match="needs at least 4 micro-batches"):
+        Strategy(pipeline_parallel=4).resolve_batch(2, 1)
+
+
 def test_rescale_keeps_global_batch() -> None:
     saved = Strategy(data_parallel="fsdp", micro_batch_size=2, grad_accumulation=2)  # 2 ranks × 2 × 2 = 8
     down = saved.rescale(2, 1, 8)

@@ -40,7 +40,7 @@ class FakeMeasurer:
 
     def __call__(self, model_config: Any, cfg: Any, probes: Sequence[Probe]) -> dict[Probe, Measurement]:
         self.asked += probes
-        tokens = cfg.micro_batch_size * cfg.block_size
+        tokens = (cfg.micro_batch_size or 8) * cfg.block_size  # any row count: only the ratio is read
         out = {}
         for p in probes:
             rate = self.rates.get(p.label, 1000.0)

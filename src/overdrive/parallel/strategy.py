@@ -27,6 +27,8 @@ Offload = Literal["none", "optimizer", "optimizer+params"]
 Dtype = Literal["fp32", "bf16"]
 ActivationCheckpointing = Literal["none", "full", "selective", "every_k"]
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv-zero-bubble"]
+# rows per forward pass when neither the strategy nor the run sets one (capped by each rank's rows)
+DEFAULT_MICRO_BATCH = 8
 # Schedules that run several (virtual) stages per rank, and the V-shaped one (stages r and 2P-1-r on rank r).
 MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "interleaved-zero-bubble", "zbv-zero-bubble")
 
@@ -46,6 +48,14 @@ PRESETS: tuple[str, ...] = (
     "pp",
     "pp-fsdp",
 )
+
+
+def default_micro(per_rank: int, stages: int = 1) -> int:
+    """The micro batch when neither the strategy nor the run sets one: the largest divisor of the rank's rows
+    up to DEFAULT_MICRO_BATCH, leaving a pipeline at least one micro-batch per stage where the rows allow."""
+    per_rank = max(1, per_rank)
+    divisors = [d for d in range(min(DEFAULT_MICRO_BATCH, per_rank), 0, -1) if per_rank % d == 0]
+    return next((d for d in divisors if per_rank // d >= stages), divisors[-1])
 
 
 @dataclass
@@ -257,11 +267,10 @@ class Strategy:
         per_rank = global_batch_size // world_size
         if micro is None:
             if self.grad_accumulation is None or per_rank % self.grad_accumulation:
-                micro = per_rank
-                accum = 1
+                micro = default_micro(per_rank, max(1, self.pipeline_parallel))
             else:
-                accum = self.grad_accumulation
-                micro = per_rank // accum
+                micro = per_rank // self.grad_accumulation
+            accum = per_rank // micro
             self._check_pipeline_batches(accum, micro)
             return micro, accum
         if per_rank % micro:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from overdrive.errors import UsageError
-from overdrive.parallel.strategy import Strategy
+from overdrive.parallel.strategy import Strategy, default_micro
 from overdrive.search.auto_measure import Measurer
 
 AUTO = "auto"
@@ -322,7 +322,8 @@ def cpu_layout(strategy: Strategy, world: int) -> bool:
 
 
 def run_micro(cfg: Any, world: int) -> int:
-    return min(cfg.micro_batch_size, max(1, cfg.global_batch_size // world))
+    per_rank = max(1, cfg.global_batch_size // world)
+    return min(cfg.micro_batch_size, per_rank) if cfg.micro_batch_size else default_micro(per_rank)
 
 
 def from_plan(cfg: Any, ctx: Context, pins: Pins, measurer: Measurer | None) -> Choice:

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from overdrive.parallel.strategy import Strategy
+from overdrive.parallel.strategy import Strategy, default_micro
 from overdrive.search.auto import Choice, Context, Pins, fallback
 from overdrive.search.auto_measure import Measurement, Measurer, Probe
 
@@ -104,7 +104,8 @@ def planned_micro_steps(cfg: Any) -> int | None:
         if rows is None:
             return None
         steps = math.ceil(cfg.num_train_epochs * max(1, rows // cfg.global_batch_size))
-    return steps * max(1, cfg.global_batch_size // cfg.micro_batch_size)
+    micro = cfg.micro_batch_size or default_micro(cfg.global_batch_size)
+    return steps * max(1, cfg.global_batch_size // micro)
 
 
 def estimated_rows(cfg: Any) -> int | None:

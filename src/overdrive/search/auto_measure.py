@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from overdrive.parallel.strategy import default_micro
+
 TIMED_STEPS = 3  # timed forward+backward passes per candidate (after one untimed warm-up)
 SCREEN_FACTOR = 4.0  # a probe this much slower than the best on one row is not measured at full size
 BUDGET_S = 30.0  # timed rounds beyond the first stop here (a model too large for a quick measurement)
@@ -59,13 +61,14 @@ Measurer = Callable[[Any, Any, Sequence[Probe]], dict[Probe, Measurement]]
 
 def measure(model_config: Any, cfg: Any, probes: Sequence[Probe]) -> dict[Probe, Measurement]:
     """Time every probe side by side on the real model (see the module docstring); never raises for a probe."""
-    tokens = cfg.micro_batch_size * cfg.block_size
+    micro = cfg.micro_batch_size or default_micro(cfg.global_batch_size)  # one process measures
+    tokens = micro * cfg.block_size
     groups: dict[tuple[bool, bool, str], list[Probe]] = {}
     for probe in probes:
         groups.setdefault((probe.kernels, probe.compile, probe.recompute), []).append(probe)
     results: dict[Probe, Measurement] = {}
     runners: list[tuple[Probe, Callable[[], float], Callable[[], float]]] = []
-    batch = random_batch(model_config.vocab_size, cfg.micro_batch_size, cfg.block_size, cfg.seed)
+    batch = random_batch(model_config.vocab_size, micro, cfg.block_size, cfg.seed)
     for (kernels, compiled, recompute), members in groups.items():
         try:
             module, context = build_module(model_config, cfg, kernels, compiled, recompute)
