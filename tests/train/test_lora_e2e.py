@@ -194,7 +194,9 @@ def test_two_ranks_match_one_process(strategy, lora_run, micro_config, text_file
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).abs().max() <= 1e-4, name
-    # resume on the same layout from step 5 continues the single-process curve
+    if strategy == "ddp":  # its adapters go through the same DCP save/load as the fsdp leg's resume below
+        return
+    # resume on the same sharded layout from step 5 continues the single-process curve
     cut = tmp_path / f"{strategy}-cut"
     shutil.copytree(out / "checkpoints" / "step-0000005", cut / "checkpoints" / "step-0000005")
     shutil.copytree(out / "tokenizer", cut / "tokenizer")

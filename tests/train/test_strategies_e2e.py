@@ -50,13 +50,26 @@ def single_run(micro_config, text_file, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "deepspeed-zero3"])
-def test_two_ranks_match_one_process(strategy, single_run, micro_config, text_file, tmp_path) -> None:
-    out = tmp_path / strategy
-    proc = torchrun(
-        micro_args(micro_config, text_file, out, *COMMON, "--strategy", strategy, "--save-steps", "5")
-    )
+@pytest.fixture(scope="module")
+def fsdp_run(micro_config, text_file, tmp_path_factory) -> Path:
+    """One FSDP run on 2 ranks, checkpoints at steps 5 and 10, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    argv = micro_args(micro_config, text_file, out, *COMMON, "--strategy", "fsdp", "--save-steps", "5")
+    proc = torchrun([*argv, "--save-total-limit", "3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+# zero2 is FSDP without resharding after forward: the engine matrix (tests/parallel) covers it
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed-zero3"])
+def test_two_ranks_match_one_process(strategy, single_run, micro_config, text_file, tmp_path, request) -> None:
+    if strategy == "fsdp":
+        out = request.getfixturevalue("fsdp_run")
+    else:
+        out = tmp_path / strategy
+        argv = micro_args(micro_config, text_file, out, *COMMON, "--strategy", strategy, "--save-steps", "5")
+        proc = torchrun(argv)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     expected, got = losses(single_run), losses(out)
     assert len(got) == len(expected) == 10
     for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
@@ -84,11 +97,8 @@ def test_fsdp_shards_a_model_without_decoder_layers_as_one_unit(micro_config, te
     assert len(losses(run)) == 2 and (run / "final" / "model.safetensors").is_file()
 
 
-def test_export_command_writes_loadable_model_from_fsdp_checkpoint(micro_config, text_file, tmp_path) -> None:
-    run = tmp_path / "run"
-    argv = micro_args(micro_config, text_file, run, *COMMON, "--strategy", "fsdp", "--save-steps", "5")
-    proc = torchrun(argv)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_export_command_writes_loadable_model_from_fsdp_checkpoint(fsdp_run, tmp_path) -> None:
+    run = fsdp_run
     out = tmp_path / "exported"
     assert main(["export", str(run / "checkpoints" / "step-0000010"), str(out)]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,13 +110,11 @@ def test_export_command_writes_loadable_model_from_fsdp_checkpoint(micro_config,
         assert (tensor - final[name]).abs().max() == 0, name
 
 
-def test_reshard_fsdp_two_ranks_to_one_process(single_run, micro_config, text_file, tmp_path) -> None:
+def test_reshard_fsdp_two_ranks_to_one_process(
+    single_run, fsdp_run, micro_config, text_file, tmp_path
+) -> None:
     """An FSDP checkpoint from 2 ranks resumes on 1 process; the next losses are the uninterrupted ones."""
-    run = tmp_path / "run"
-    argv = micro_args(micro_config, text_file, run, *COMMON, "--strategy", "fsdp", "--save-steps", "5")
-    argv += ["--save-total-limit", "3"]
-    proc = torchrun(argv)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = fsdp_run
     cut = tmp_path / "cut"
     cut.mkdir()
     import shutil
