@@ -7,11 +7,14 @@ the per-step loss and pre-clip gradient norm must agree within the stated tolera
 
 * fp32 runs: 1e-5 relative per step on loss and on grad norm (ranks and fused kernels only reorder sums).
 * reduced precision (bf16/fp16 autocast, bf16 weights, bf16 parameters or reductions in the strategy): 2e-2
-  absolute on loss and 5e-2 relative on grad norm. bf16 keeps 8 significant bits (a relative rounding step of
-  2**-8 = 3.9e-3 per value); the norm sums millions of such rounded squares, so the noise mostly averages out,
-  but the weights drift apart a little more every step. 5% is about ten rounding steps: it passes the drift
-  of 20 bf16 steps with margin and still fails a gradient that is wrong by a constant factor of 1.05 or more.
-  A norm has no natural absolute scale (it ranges from 0.1 to 100 between models), hence relative.
+  absolute on loss per step; grad norm 2e-2 relative on the median step and 0.25 relative on every step.
+  bf16 keeps 8 significant bits (a relative rounding step of 2**-8 = 3.9e-3 per value). On most steps the
+  norm's millions of rounded squares average out (plain HF bf16 autocast: median 2e-3 off fp32 over 20 tiny
+  steps), but on a step whose gradient is dominated by a few large entries rounding alone moves it a lot
+  (the same plain HF run: 0.10 on one step of 20). So a per-step bound tight enough to catch a bug would fail
+  HF itself; the median catches what moves every step (a gradient wrong by a factor of 1.02 or more, a
+  missing reduction), the per-step cap catches gross failures. A norm has no natural absolute scale (it
+  ranges from 0.1 to 100 between models), hence relative.
 
 Exit 0 when every step is within tolerance, 1 when one is not; bad input and failed runs exit 2.
 """
@@ -34,7 +37,8 @@ from overdrive.errors import UsageError
 
 FP32_RTOL = 1e-5
 LOW_LOSS_ATOL = 2e-2
-LOW_GRAD_NORM_RTOL = 5e-2
+LOW_GRAD_NORM_RTOL = 0.25  # any one step (bf16 rounding alone moved one step of 20 by 0.10)
+LOW_GRAD_NORM_MEDIAN_RTOL = 2e-2  # the median step (bf16 rounding alone: 2e-3)
 # the reference: what HF eager PyTorch does in one process
 REFERENCE = {
     "strategy": "single",
@@ -51,18 +55,23 @@ OWN_ENTRIES = ("reference", "strategy", "reference.yaml", "strategy.yaml", "refe
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Per-step bounds; `relative` compares |strategy - reference| / |reference|."""
+    """Per-step bounds, and optionally one on the median step's grad-norm difference (reduced precision);
+    `relative` compares |strategy - reference| / |reference|."""
 
     loss: float
     loss_relative: bool
     grad_norm: float
     grad_norm_relative: bool = True
+    grad_norm_median: float | None = None
 
     def describe(self) -> str:
         def one(value: float, relative: bool) -> str:
             return f"{value:g} {'relative' if relative else 'absolute'}"
 
-        return f"loss {one(self.loss, self.loss_relative)}, grad norm {one(self.grad_norm, self.grad_norm_relative)}"
+        text = f"loss {one(self.loss, self.loss_relative)}, grad norm {one(self.grad_norm, self.grad_norm_relative)}"
+        if self.grad_norm_median is not None:
+            text += f" per step and {one(self.grad_norm_median, self.grad_norm_relative)} on the median step"
+        return text
 
 
 @dataclass
@@ -97,7 +106,7 @@ def add_verify_parser(sub: Any) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="per-step bound replacing the stated one (fp32: 1e-5 relative; bf16: 2e-2 absolute on loss)",
+        help="one bound replacing the stated ones (fp32: 1e-5 relative; bf16: 2e-2 absolute on loss)",
     )
 
 
@@ -127,10 +136,12 @@ def run_verify(args: argparse.Namespace) -> int:
     tol = tolerance_for(runs["strategy"], strategy, out / "strategy", args.tolerance)
     diffs = compare(read_curve(out / "reference"), read_curve(out / "strategy"), args.steps, tol)
     verdict = verdict_line(diffs, tol)
+    from overdrive.search.verify_report import print_table, write_report
+
     print_table(diffs, tol)
     print(verdict)
     write_report(out, cfg.strategy, nproc, args.steps, tol, diffs, verdict, commands)
-    return 0 if all(d.ok for d in diffs) else 1
+    return 0 if passed(diffs, tol) else 1
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -322,14 +333,15 @@ def last_error_line(log: Path) -> str:
 
 
 def tolerance_for(cfg: Any, strategy: Any, run_dir: Path, override: float | None) -> Tolerance:
-    """fp32: 1e-5 relative on both; reduced precision: 2e-2 absolute loss, 5e-2 relative grad norm."""
+    """fp32: 1e-5 relative on both; reduced precision: 2e-2 absolute loss, grad norm 0.25 relative per step
+    and 2e-2 on the median step. `--tolerance` replaces them all with one per-step bound."""
     low = reduced_precision(cfg, strategy, run_dir)
     if low:
-        tol = Tolerance(LOW_LOSS_ATOL, False, LOW_GRAD_NORM_RTOL)
+        tol = Tolerance(LOW_LOSS_ATOL, False, LOW_GRAD_NORM_RTOL, grad_norm_median=LOW_GRAD_NORM_MEDIAN_RTOL)
     else:
         tol = Tolerance(FP32_RTOL, True, FP32_RTOL)
     if override is not None:
-        tol = dataclasses.replace(tol, loss=override, grad_norm=override)
+        tol = dataclasses.replace(tol, loss=override, grad_norm=override, grad_norm_median=None)
     return tol
 
 
@@ -392,13 +404,32 @@ def compare(
     return diffs
 
 
+def median_grad_norm_diff(diffs: list[StepDiff]) -> float:
+    import statistics
+
+    return statistics.median(d.grad_norm_diff for d in diffs)
+
+
+def median_ok(diffs: list[StepDiff], tol: Tolerance) -> bool:
+    return tol.grad_norm_median is None or median_grad_norm_diff(diffs) <= tol.grad_norm_median
+
+
+def passed(diffs: list[StepDiff], tol: Tolerance) -> bool:
+    return all(d.ok for d in diffs) and median_ok(diffs, tol)
+
+
 def verdict_line(diffs: list[StepDiff], tol: Tolerance) -> str:
     max_loss = max(d.loss_diff for d in diffs)
     max_gn = max(d.grad_norm_diff for d in diffs)
-    maxima = f"max loss diff {max_loss:.2e}, max grad-norm diff {max_gn:.2e} (tolerance: {tol.describe()})"
+    maxima = f"max loss diff {max_loss:.2e}, max grad-norm diff {max_gn:.2e}"
+    if tol.grad_norm_median is not None:
+        maxima += f", median grad-norm diff {median_grad_norm_diff(diffs):.2e}"
+    maxima += f" (tolerance: {tol.describe()})"
     bad = [d for d in diffs if not d.ok]
-    if not bad:
+    if not bad and median_ok(diffs, tol):
         return f"PASS: all {len(diffs)} steps within tolerance; {maxima}"
+    if not bad:
+        return f"FAIL: the median step's grad norm is off by more than {tol.grad_norm_median:g}; {maxima}"
     first = bad[0]
     what = []
     if first.loss_diff > tol.loss:
@@ -408,90 +439,4 @@ def verdict_line(diffs: list[StepDiff], tol: Tolerance) -> str:
     return (
         f"FAIL: first failing step {first.step} ({', '.join(what)}); {len(bad)} of {len(diffs)} steps out of "
         f"tolerance; {maxima}"
-    )
-
-
-# ---------------------------------------------------------------------------------------------- output
-
-
-def fmt(value: float | None) -> str:
-    return "missing" if value is None else f"{value:.6f}"
-
-
-def print_table(diffs: list[StepDiff], tol: Tolerance) -> None:
-    """A rich table on a terminal, plain columns otherwise (logs, pipes)."""
-    loss_unit = "rel" if tol.loss_relative else "abs"
-    gn_unit = "rel" if tol.grad_norm_relative else "abs"
-    header = [
-        "step",
-        "reference loss",
-        "strategy loss",
-        f"loss diff ({loss_unit})",
-        f"grad-norm diff ({gn_unit})",
-        "",
-    ]
-    rows = [
-        [
-            str(d.step),
-            fmt(d.ref_loss),
-            fmt(d.loss),
-            f"{d.loss_diff:.2e}",
-            f"{d.grad_norm_diff:.2e}",
-            "" if d.ok else "FAIL",
-        ]
-        for d in diffs
-    ]
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title_justify="left")
-        for col in header:
-            table.add_column(col, justify="right")
-        for row in rows:
-            table.add_row(*row, style=None if not row[-1] else "red")
-        Console().print(table)
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    for row in (header, *rows):
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-def write_report(
-    out: Path,
-    strategy: str,
-    nproc: int,
-    steps: int,
-    tol: Tolerance,
-    diffs: list[StepDiff],
-    verdict: str,
-    commands: dict[str, list[str]],
-) -> None:
-    """verify.json: both curves, the differences, the tolerance, the verdict and the commands (atomic)."""
-    from overdrive.atomic import write_json
-
-    def finite(value: float) -> float | None:
-        return value if math.isfinite(value) else None
-
-    bad = [d.step for d in diffs if not d.ok]
-    write_json(
-        out / "verify.json",
-        {
-            "strategy": strategy,
-            "nproc_per_node": nproc,
-            "steps": steps,
-            "verdict": "pass" if not bad else "fail",
-            "verdict_line": verdict,
-            "first_failing_step": bad[0] if bad else None,
-            "tolerance": dataclasses.asdict(tol),
-            "max_loss_diff": finite(max(d.loss_diff for d in diffs)),
-            "max_grad_norm_diff": finite(max(d.grad_norm_diff for d in diffs)),
-            "reference": {"loss": [d.ref_loss for d in diffs], "grad_norm": [d.ref_grad_norm for d in diffs]},
-            "strategy_run": {"loss": [d.loss for d in diffs], "grad_norm": [d.grad_norm for d in diffs]},
-            "loss_diff": [finite(d.loss_diff) for d in diffs],
-            "grad_norm_diff": [finite(d.grad_norm_diff) for d in diffs],
-            "commands": {name: " ".join(cmd) for name, cmd in commands.items()},
-            "configs": {"strategy": str(out / "strategy.yaml"), "reference": str(out / "reference.yaml")},
-            "logs": {"strategy": str(out / "strategy.log"), "reference": str(out / "reference.log")},
-        },
     )
