@@ -197,3 +197,30 @@ def test_galore_target_matching_nothing_fails_before_the_run_writes(
     err = cli_error(argv, capsys)
     assert "--galore-target 'conv' matches no linear layer" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize(("warmup", "total", "min_ratio"), [(0, 10, 0.0), (3, 20, 0.1), (5, 5, 0.0), (2, 7, 0.5)])
+def test_schedules_are_hf_trainers_step_for_step(kind, warmup, total, min_ratio) -> None:
+    """overdrive's LambdaLR schedules give transformers.get_scheduler's lr at every step, past the end too,
+    and the same state-dict shape (checkpoints from either load in the other)."""
+    from transformers import get_scheduler
+
+    from overdrive.train.optim import make_scheduler
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=3e-4)
+
+    cfg = TrainConfig(lr_scheduler=kind, warmup_steps=warmup, min_lr_ratio=min_ratio)
+    mine = make_scheduler(optimizer(), cfg, total)
+    hf_name = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[kind]
+    extra = {"scheduler_specific_kwargs": {"min_lr_rate": min_ratio}} if kind == "cosine" else {}
+    theirs = get_scheduler(hf_name, optimizer(), num_warmup_steps=warmup, num_training_steps=total, **extra)
+    for step in range(total + 3):
+        assert mine.get_last_lr() == theirs.get_last_lr(), (step, mine.get_last_lr(), theirs.get_last_lr())
+        mine.optimizer.step()
+        theirs.optimizer.step()
+        mine.step()
+        theirs.step()
+    assert mine.state_dict().keys() == theirs.state_dict().keys()
+    assert mine.state_dict()["lr_lambdas"] == theirs.state_dict()["lr_lambdas"]

@@ -246,19 +246,45 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    # imported here: transformers.optimization pulls in peft and bitsandbytes (~3 s), which a run that stops
-    # at a bad flag or a bad file should not wait for
-    from transformers import get_scheduler
+    """HF Trainer's schedules (`get_scheduler`'s linear, constant_with_warmup, cosine_with_min_lr), step for step.
+
+    Written here on torch's LambdaLR rather than imported: transformers.optimization imports
+    transformers.trainer_utils, which imports peft and bitsandbytes — 1.8 s of a 11 s tiny run's start on 2
+    cores, paid by every rank of every run. tests/train/test_optimizers.py pins every step's lr to
+    transformers' own. The lambdas are partials, as HF's are, so scheduler state dicts keep their shape.
+    """
+    from functools import partial
 
     warm = warmup_steps(cfg, total_steps)
     if cfg.lr_scheduler == "cosine":
-        return get_scheduler(
-            "cosine_with_min_lr",
-            optimizer,
-            num_warmup_steps=warm,
-            num_training_steps=total_steps,
-            scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        factor = partial(
+            cosine_factor, warmup=warm, total=total_steps, min_ratio=cfg.min_lr_ratio, cycles=0.5
         )
-    if cfg.lr_scheduler == "linear":
-        return get_scheduler("linear", optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
-    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warm)
+    elif cfg.lr_scheduler == "linear":
+        factor = partial(linear_factor, warmup=warm, total=total_steps)
+    else:
+        factor = partial(constant_factor, warmup=warm)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def constant_factor(step: int, *, warmup: int) -> float:
+    """Linear warm-up from 0, then 1."""
+    return float(step) / float(max(1.0, warmup)) if step < warmup else 1.0
+
+
+def linear_factor(step: int, *, warmup: int, total: int) -> float:
+    """Linear warm-up from 0, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+
+def cosine_factor(step: int, *, warmup: int, total: int, min_ratio: float, cycles: float) -> float:
+    """Linear warm-up from 0, then half a cosine from 1 down to `min_ratio` at `total`."""
+    import math
+
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    factor = 0.5 * (1.0 + math.cos(math.pi * float(cycles) * 2.0 * progress))
+    return max(0, factor * (1 - min_ratio) + min_ratio)
