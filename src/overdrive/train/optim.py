@@ -6,6 +6,7 @@ Every choice keeps the same parameter groups: weight decay on matrices, none on 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -267,24 +268,27 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def warmup_ramp(step: int, warmup: int) -> float:
+    """The linear warm-up from 0 that all three schedules start with."""
+    return float(step) / float(max(1, warmup))
+
+
 def constant_factor(step: int, *, warmup: int) -> float:
     """Linear warm-up from 0, then 1."""
-    return float(step) / float(max(1.0, warmup)) if step < warmup else 1.0
+    return warmup_ramp(step, warmup) if step < warmup else 1.0
 
 
 def linear_factor(step: int, *, warmup: int, total: int) -> float:
     """Linear warm-up from 0, then linear decay to 0 at `total`."""
     if step < warmup:
-        return float(step) / float(max(1, warmup))
+        return warmup_ramp(step, warmup)
     return max(0.0, float(total - step) / float(max(1, total - warmup)))
 
 
 def cosine_factor(step: int, *, warmup: int, total: int, min_ratio: float, cycles: float) -> float:
     """Linear warm-up from 0, then half a cosine from 1 down to `min_ratio` at `total`."""
-    import math
-
     if step < warmup:
-        return float(step) / float(max(1, warmup))
+        return warmup_ramp(step, warmup)
     progress = float(step - warmup) / float(max(1, total - warmup))
     factor = 0.5 * (1.0 + math.cos(math.pi * float(cycles) * 2.0 * progress))
     return max(0, factor * (1 - min_ratio) + min_ratio)
